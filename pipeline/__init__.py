@@ -1,0 +1,7 @@
+"""Dataset-versioned image normalization: exact statistics, Zarr stores with lineage."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

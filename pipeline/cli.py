@@ -1,0 +1,96 @@
+"""The ``pipeline`` command: one thin subcommand per stage.
+
+Commands take paths as arguments and values from params.yaml (or ``--params FILE``); a
+PipelineError becomes one message on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params, load_params
+
+app = typer.Typer(
+    name="pipeline",
+    help="Dataset-versioned image normalization: DVC stages and tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ParamsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--params", help="Params file to read instead of params.yaml in the working directory.",
+        exists=True, dir_okay=False, resolve_path=True,
+    ),
+]
+
+
+def _reports_errors(fn: F) -> F:
+    """Turn PipelineError into one stderr message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _params(path: Path | None) -> Params:
+    return load_params(path)
+
+
+@app.command()
+@_reports_errors
+def sample(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")],
+    params: ParamsOption = None,
+) -> None:
+    """Build the embedded sample collection of real photos (from scikit-image) in OUT_DIR."""
+    from pipeline.sample import write_sample
+    from pipeline.store import atomic_output
+
+    p = _params(params).sample
+    with atomic_output(out_dir) as tmp:
+        n = write_sample(tmp, seed=p.seed, images_per_class=p.images_per_class)
+    typer.echo(f"sample: wrote {n} images to {out_dir}")
+
+
+@app.command()
+@_reports_errors
+def ingest(
+    source: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
+    out: Annotated[Path, typer.Argument(help="Output folder: images.zarr, manifest, rejected.json.")],
+    params: ParamsOption = None,
+) -> None:
+    """Decode SOURCE into the sharded Zarr store OUT/images.zarr with its manifest."""
+    from pipeline.ingest import run_ingest
+
+    result = run_ingest(source, out, _params(params), progress=True)
+    splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
+    typer.echo(f"ingest: {result.count} images ({splits}) -> {out}/images.zarr")
+    if result.rejected:
+        typer.echo(
+            f"ingest: skipped {len(result.rejected)} unusable file(s); reasons in "
+            f"{out}/rejected.json", err=True,
+        )
+
+
+def main() -> None:
+    """Entry point for the console script."""
+    app(prog_name="pipeline")
+    sys.exit(0)

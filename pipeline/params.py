@@ -1,0 +1,297 @@
+"""params.yaml: one frozen dataclass per section, every value parsed at the boundary.
+
+Every key has a default, so a params file may give only what it changes. Unknown sections and
+keys are errors: a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ParamsError
+
+__all__ = [
+    "DEFAULT_PARAMS_FILE",
+    "BaseParams",
+    "IngestParams",
+    "Params",
+    "SampleParams",
+    "SplitParams",
+    "load_params",
+    "parse_params",
+]
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+SCHEDULERS = ("auto", "threads", "processes", "synchronous")
+RESIZE_POLICIES = ("shorter_side_center_crop", "stretch", "pad")
+RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+COLORS = ("rgb", "gray", "keep")
+ALPHA_POLICIES = ("drop", "composite")
+BIT_DEPTHS = (8, 16)
+SPLIT_METHODS = ("hash", "folders")
+ON_ERROR = ("fail", "skip")
+CODECS = ("none", "zstd", "lz4")
+# Pillow's own default limit (Image.MAX_IMAGE_PIXELS); copied so params do not depend on import order.
+PILLOW_MAX_PIXELS = 89_478_485
+
+
+# --- parse_* helpers: each returns a normalized value or raises ParamsError naming the key ---
+
+
+def _fail(key: str, expected: str, value: object) -> ParamsError:
+    return ParamsError(f"Expected {expected} for {key}. Got {value!r} instead.")
+
+
+def parse_choice(value: object, key: str, choices: Sequence[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``."""
+    if isinstance(value, bool) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise _fail(key, f"one of {allowed}", value)
+    return value
+
+
+def parse_int(value: object, key: str, *, minimum: int | None = None) -> int:
+    """Return ``value`` as an int no smaller than ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, "an integer", value)
+    if minimum is not None and value < minimum:
+        raise _fail(key, f"an integer >= {minimum}", value)
+    return value
+
+
+def parse_fraction(value: object, key: str) -> float:
+    """Return ``value`` as a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise _fail(key, "a number in [0, 1)", value)
+    return float(value)
+
+
+def parse_size(value: object, key: str) -> tuple[int, int] | None:
+    """Return ``[H, W]`` as a tuple of positive ints, or None (keep native size)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise _fail(key, "[height, width] as two positive integers, or null", value)
+    return (int(value[0]), int(value[1]))
+
+
+def parse_color(value: object, key: str) -> tuple[int, int, int]:
+    """Return an RGB colour from an int (gray) or a list of three ints, each in 0..255."""
+    items = [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(items, Sequence)
+        or isinstance(items, str)
+        or len(items) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in items)
+    ):
+        raise _fail(key, "a gray level 0..255 or [r, g, b] with each in 0..255", value)
+    return (int(items[0]), int(items[1]), int(items[2]))
+
+
+def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ParamsError(
+            f"Unknown key(s) {', '.join(repr(k) for k in unknown)} in params section "
+            f"{section!r}. Allowed keys: {', '.join(sorted(known))}."
+        )
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(name, "a mapping of keys to values", value)
+    return value
+
+
+# --- sections ---
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseParams:
+    """Section ``base``: settings shared by every stage."""
+
+    scheduler: str = "auto"
+    workers: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> BaseParams:
+        _check_keys("base", raw, cls)
+        workers = raw.get("workers")
+        return cls(
+            scheduler=parse_choice(raw.get("scheduler", "auto"), "base.scheduler", SCHEDULERS),
+            workers=None if workers is None else parse_int(workers, "base.workers", minimum=1),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleParams:
+    """Section ``sample``: the embedded sample dataset."""
+
+    seed: int = 0
+    images_per_class: int = 50
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SampleParams:
+        _check_keys("sample", raw, cls)
+        return cls(
+            seed=parse_int(raw.get("seed", 0), "sample.seed", minimum=0),
+            images_per_class=parse_int(
+                raw.get("images_per_class", 50), "sample.images_per_class", minimum=1
+            ),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitParams:
+    """``ingest.split``: by a hash of the relative path, or by top-level folders."""
+
+    method: str = "hash"
+    val: float = 0.1
+    test: float = 0.1
+
+    @classmethod
+    def from_dict(cls, raw: object) -> SplitParams:
+        if not isinstance(raw, Mapping):
+            raise _fail("ingest.split", "a mapping such as {method: hash, val: 0.1, test: 0.1}", raw)
+        _check_keys("ingest.split", raw, cls)
+        method = parse_choice(raw.get("method", "hash"), "ingest.split.method", SPLIT_METHODS)
+        val = parse_fraction(raw.get("val", 0.1), "ingest.split.val")
+        test = parse_fraction(raw.get("test", 0.1), "ingest.split.test")
+        if val + test >= 1:
+            raise _fail("ingest.split", "val + test < 1 (something must be left to train on)", raw)
+        return cls(method=method, val=val, test=test)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestParams:
+    """Section ``ingest``: how an image folder becomes the prepared uint8/uint16 store."""
+
+    source: str = "data/sample"
+    size: tuple[int, int] | None = (224, 224)
+    resize: str = "shorter_side_center_crop"
+    resample: str = "bilinear"
+    pad_value: tuple[int, int, int] = (0, 0, 0)
+    color: str = "rgb"
+    alpha: str = "composite"
+    background: tuple[int, int, int] = (255, 255, 255)
+    bit_depth: int = 8
+    split: SplitParams = field(default_factory=SplitParams)
+    on_error: str = "fail"
+    max_pixels: int = PILLOW_MAX_PIXELS
+    chunk_images: int = 16
+    shard_images: int = 256
+    codec: str = "none"
+    codec_level: int = 1
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> IngestParams:
+        _check_keys("ingest", raw, cls)
+        d = cls()
+        source = raw.get("source", d.source)
+        if not isinstance(source, str) or not source:
+            raise _fail("ingest.source", "a folder path", source)
+        chunk = parse_int(raw.get("chunk_images", d.chunk_images), "ingest.chunk_images", minimum=1)
+        shard = parse_int(raw.get("shard_images", d.shard_images), "ingest.shard_images", minimum=1)
+        if shard % chunk:
+            raise _fail("ingest.shard_images", f"a multiple of ingest.chunk_images ({chunk})", shard)
+        return cls(
+            source=source,
+            size=parse_size(raw.get("size", d.size), "ingest.size"),
+            resize=parse_choice(raw.get("resize", d.resize), "ingest.resize", RESIZE_POLICIES),
+            resample=parse_choice(raw.get("resample", d.resample), "ingest.resample", RESAMPLE_FILTERS),
+            pad_value=parse_color(raw.get("pad_value", d.pad_value), "ingest.pad_value"),
+            color=parse_choice(raw.get("color", d.color), "ingest.color", COLORS),
+            alpha=parse_choice(raw.get("alpha", d.alpha), "ingest.alpha", ALPHA_POLICIES),
+            background=parse_color(raw.get("background", d.background), "ingest.background"),
+            bit_depth=parse_choice(raw.get("bit_depth", d.bit_depth), "ingest.bit_depth", BIT_DEPTHS),
+            split=SplitParams.from_dict(raw.get("split", {})),
+            on_error=parse_choice(raw.get("on_error", d.on_error), "ingest.on_error", ON_ERROR),
+            max_pixels=parse_int(raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1),
+            chunk_images=chunk,
+            shard_images=shard,
+            codec=parse_choice(raw.get("codec", d.codec), "ingest.codec", CODECS),
+            codec_level=parse_int(raw.get("codec_level", d.codec_level), "ingest.codec_level"),
+        )
+
+    def decode_dict(self) -> dict[str, Any]:
+        """The values that change decoded pixels (not storage layout): recorded as lineage."""
+        d = dataclasses.asdict(self)
+        for key in ("source", "chunk_images", "shard_images", "codec", "codec_level", "on_error"):
+            d.pop(key)
+        return _jsonable(d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """All sections of params.yaml."""
+
+    base: BaseParams = field(default_factory=BaseParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, tuples as lists."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+SECTIONS = {"base": BaseParams, "sample": SampleParams, "ingest": IngestParams}
+
+
+def parse_params(raw: object, *, origin: str = "params") -> Params:
+    """Parse the mapping read from a params file."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"Expected a mapping of sections in {origin}. Got {raw!r} instead.")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"Unknown section(s) {', '.join(repr(k) for k in unknown)} in {origin}. "
+            f"Allowed sections: {', '.join(sorted(SECTIONS))}."
+        )
+    return Params(
+        base=BaseParams.from_dict(_section(raw, "base")),
+        sample=SampleParams.from_dict(_section(raw, "sample")),
+        ingest=IngestParams.from_dict(_section(raw, "ingest")),
+    )
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Read ``path``, or ``params.yaml`` in the working directory (defaults when it is absent)."""
+    if path is None:
+        if not DEFAULT_PARAMS_FILE.exists():
+            return Params()
+        path = DEFAULT_PARAMS_FILE
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError(f"Cannot read params file {path}: {exc.strerror}.") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_params(raw, origin=str(path))
