@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone: `make repro` and `make test`. Both create .venv with the
+# pinned versions in constraints.txt first (again only when pyproject.toml or constraints change).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test test-fast test-slow lint bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip==26.3'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: setup
+	PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1 dvc repro
+
+test: test-fast test-slow
+
+test-fast: setup
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/bench_ingest.py
