@@ -159,10 +159,10 @@ def _to_store_mode(im: Image.Image, params: IngestParams, channels: int) -> Imag
 
 
 def _resize(im: Image.Image, params: IngestParams) -> Image.Image:
-    """Apply ``ingest.size`` with ``ingest.resize`` using Pillow's own ImageOps helpers."""
-    if params.size is None:
+    """Apply ``ingest.image_size`` with ``ingest.resize`` using Pillow's own ImageOps helpers."""
+    if params.image_size is None:
         return im
-    height, width = params.size
+    height, width = params.image_size
     if im.size == (width, height):
         return im
     method = RESAMPLE[params.resample]
@@ -228,8 +228,8 @@ def decode_image(
         pixels = _to_array(im, params, channels)
     except (OSError, ValueError) as exc:
         raise DecodeError(f"cannot convert {mode} image: {exc}") from exc
-    if params.size is not None and pixels.shape[:2] != params.size:
-        raise DecodeError(f"resized to {pixels.shape[:2]}, expected {params.size}")
+    if params.image_size is not None and pixels.shape[:2] != params.image_size:
+        raise DecodeError(f"resized to {pixels.shape[:2]}, expected {params.image_size}")
     return Decoded(
         pixels=pixels, sha256=sha, format=fmt, mode=mode, width=width, height=height,
         frames=frames, orientation=orientation,

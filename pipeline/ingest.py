@@ -81,7 +81,7 @@ def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
 
 
 def _probe_shape(root: Path, files: Sequence[SourceFile], params: IngestParams) -> tuple[int, ...]:
-    """(H, W, C) of the store: from ingest.size, or the first readable image's upright size."""
+    """(H, W, C) of the store: from ingest.image_size, or the first readable image's upright size."""
     for f in files:
         try:
             with Image.open(root / f.relpath) as im:
@@ -92,10 +92,10 @@ def _probe_shape(root: Path, files: Sequence[SourceFile], params: IngestParams) 
         except (OSError, UnidentifiedImageError, ValueError):
             continue
         channels = output_channels(params.color, mode)
-        if params.size is not None:
-            return (*params.size, channels)
+        if params.image_size is not None:
+            return (*params.image_size, channels)
         return (h, w, channels)
-    return (*(params.size or (1, 1)), 3)
+    return (*(params.image_size or (1, 1)), 3)
 
 
 def _decode_shard(
@@ -118,7 +118,7 @@ def _decode_shard(
             if d.pixels.shape != shape:
                 raise DecodeError(
                     f"size {d.pixels.shape[1]}x{d.pixels.shape[0]} differs from the first "
-                    f"image's {shape[1]}x{shape[0]}; set ingest.size to resize all images"
+                    f"image's {shape[1]}x{shape[0]}; set ingest.image_size to resize all images"
                 )
         except DecodeError as exc:
             records.append({"error": str(exc), "sha256": hashlib.sha256(data).hexdigest()})

@@ -100,9 +100,20 @@ def parse_color(value: object, key: str) -> tuple[int, int, int]:
     return (int(items[0]), int(items[1]), int(items[2]))
 
 
+# Keys named "size" or "nfiles" are invisible to DVC's run-cache key (treeverse/dvc#10296):
+# changing such a param would silently restore the outputs of the old value. So none is used.
+RENAMED = {"ingest.size": "ingest.image_size"}
+
+
 def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(given) - known)
+    for key in unknown:
+        if f"{section}.{key}" in RENAMED:
+            raise ParamsError(
+                f"{section}.{key} is called {RENAMED[f'{section}.{key}']} here: DVC's run-cache "
+                f"ignores params named {key!r} (treeverse/dvc#10296). Rename the key."
+            )
     if unknown:
         raise ParamsError(
             f"Unknown key(s) {', '.join(repr(k) for k in unknown)} in params section "
@@ -183,7 +194,7 @@ class IngestParams:
     """Section ``ingest``: how an image folder becomes the prepared uint8/uint16 store."""
 
     source: str = "data/sample"
-    size: tuple[int, int] | None = (224, 224)
+    image_size: tuple[int, int] | None = (224, 224)
     resize: str = "shorter_side_center_crop"
     resample: str = "bilinear"
     pad_value: tuple[int, int, int] = (0, 0, 0)
@@ -212,7 +223,7 @@ class IngestParams:
             raise _fail("ingest.shard_images", f"a multiple of ingest.chunk_images ({chunk})", shard)
         return cls(
             source=source,
-            size=parse_size(raw.get("size", d.size), "ingest.size"),
+            image_size=parse_size(raw.get("image_size", d.image_size), "ingest.image_size"),
             resize=parse_choice(raw.get("resize", d.resize), "ingest.resize", RESIZE_POLICIES),
             resample=parse_choice(raw.get("resample", d.resample), "ingest.resample", RESAMPLE_FILTERS),
             pad_value=parse_color(raw.get("pad_value", d.pad_value), "ingest.pad_value"),

@@ -50,7 +50,7 @@ def folder(tmp_path: Path) -> Path:
 
 def params(**ingest: object) -> object:
     base = ingest.pop("base", {"scheduler": "threads", "workers": 2})
-    settings = {"size": list(SIZE), "chunk_images": 4, "shard_images": 8, **ingest}
+    settings = {"image_size": list(SIZE), "chunk_images": 4, "shard_images": 8, **ingest}
     return parse_params({"base": base, "ingest": settings})
 
 
@@ -186,8 +186,8 @@ def test_on_error_skip_records_reasons_and_keeps_the_rest(folder: Path, tmp_path
 
 
 def test_native_size_requires_equal_sizes(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(BadImagesError, match="set ingest.size"):
-        run_ingest(folder, tmp_path / "prepared", params(size=None))
+    with pytest.raises(BadImagesError, match="set ingest.image_size"):
+        run_ingest(folder, tmp_path / "prepared", params(image_size=None))
 
 
 def test_native_size_keeps_pixels_exactly(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_native_size_keeps_pixels_exactly(tmp_path: Path) -> None:
     arrays = [make_photo(rng, 30, 20) for _ in range(5)]
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(src / f"{i}.png")
-    run_ingest(tmp_path / "src", tmp_path / "out", params(size=None, split={"val": 0, "test": 0}))
+    run_ingest(tmp_path / "src", tmp_path / "out", params(image_size=None, split={"val": 0, "test": 0}))
     images = zarr.open_array(tmp_path / "out" / "images.zarr" / "images", mode="r")
     np.testing.assert_array_equal(images[:], np.stack(arrays))
 
@@ -211,7 +211,7 @@ def test_sixteen_bit_gray_stays_exact(tmp_path: Path) -> None:
         Image.fromarray(a).save(src / f"{i}.png")
     run_ingest(
         tmp_path / "src", tmp_path / "out",
-        params(size=None, bit_depth=16, color="gray", split={"val": 0, "test": 0}),
+        params(image_size=None, bit_depth=16, color="gray", split={"val": 0, "test": 0}),
     )
     group = zarr.open_group(tmp_path / "out" / "images.zarr", mode="r")
     assert group["images"].dtype == np.uint16

@@ -1,0 +1,98 @@
+"""The real DVC pipeline in a temporary git repository: dvc.yaml, params.yaml and the stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A git + DVC repo holding this project's dvc.yaml, params.yaml and code, small sample."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", work)
+    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sample"]["images_per_class"] = 4
+    params["ingest"]["image_size"] = [32, 32]
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    run(["git", "init", "-q"], work, env)
+    run(["dvc", "init", "-q"], work, env)
+    return work, env
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_repro_builds_then_does_nothing_then_reruns_only_ingest(
+    repo: tuple[Path, dict[str, str]],
+) -> None:
+    work, env = repo
+    run(["dvc", "repro"], work, env)
+    assert (work / "data" / "sample" / "animals").is_dir()
+    assert (work / "data" / "prepared" / "images.zarr" / "zarr.json").is_file()
+    assert (work / "data" / "prepared" / "manifest.jsonl").is_file()
+    lock = (work / "dvc.lock").read_text()
+    sample_before = mtimes(work / "data" / "sample")
+    prepared_before = mtimes(work / "data" / "prepared")
+
+    out = run(["dvc", "repro"], work, env)
+    assert "Running stage" not in out
+    assert mtimes(work / "data" / "prepared") == prepared_before
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["ingest"]["image_size"] = [16, 24]
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], work, env)
+    assert "Running stage 'ingest'" in out
+    assert "Running stage 'sample'" not in out
+    assert mtimes(work / "data" / "sample") == sample_before
+    assert (work / "dvc.lock").read_text() != lock
+
+
+def test_forced_repro_reproduces_the_lock_file(repo: tuple[Path, dict[str, str]]) -> None:
+    work, env = repo
+    run(["dvc", "repro"], work, env)
+    lock = (work / "dvc.lock").read_text()
+    run(["dvc", "repro", "-f"], work, env)
+    assert (work / "dvc.lock").read_text() == lock
+
+
+def test_bad_param_fails_the_stage_with_a_named_key(repo: tuple[Path, dict[str, str]]) -> None:
+    work, env = repo
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["ingest"]["resize"] = "squash"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode != 0
+    assert "ingest.resize" in proc.stderr + proc.stdout
+    assert "'squash'" in proc.stderr + proc.stdout
+    assert not (work / "data" / "prepared").exists()
