@@ -4,4 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from pipeline.statsfile import Stats, load_stats  # noqa: E402
+
+__all__ = ["Stats", "__version__", "load_stats"]

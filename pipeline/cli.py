@@ -90,6 +90,25 @@ def ingest(
         )
 
 
+@app.command()
+@_reports_errors
+def stats(
+    prepared: Annotated[Path, typer.Argument(help="Prepared folder written by `pipeline ingest`.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder: stats.json and stats.zarr.")],
+    params: ParamsOption = None,
+) -> None:
+    """Fit exact statistics on the stats.fit_split split of PREPARED, in one chunked pass."""
+    from pipeline.stats_stage import run_stats
+
+    doc = run_stats(prepared / "images.zarr", out_dir, _params(params), progress=True)
+    per = doc["channels"]
+    summary = ", ".join(f"{c} {per[c]['mean']:.3f}/{per[c]['std']:.3f}" for c in per)
+    typer.echo(
+        f"stats: {doc['count']['images']} {doc['fit_split']} images; mean/std {summary} "
+        f"-> {out_dir}/stats.json"
+    )
+
+
 def main() -> None:
     """Entry point for the console script."""
     app(prog_name="pipeline")

@@ -23,6 +23,7 @@ __all__ = [
     "Params",
     "SampleParams",
     "SplitParams",
+    "StatsParams",
     "load_params",
     "parse_params",
 ]
@@ -248,6 +249,64 @@ class IngestParams:
         return _jsonable(d)
 
 
+FIT_SPLITS = ("train", "val", "test", "all")
+ZERO_STD = ("one", "eps")
+
+
+def parse_percentiles(value: object, key: str) -> tuple[float, ...]:
+    """Return a sorted tuple of distinct percentiles, each in [0, 100]."""
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 100 for v in value
+        )
+    ):
+        raise _fail(key, "a list of numbers in [0, 100]", value)
+    return tuple(sorted({float(v) for v in value}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsParams:
+    """Section ``stats``: which split the statistics are fitted on, and how."""
+
+    fit_split: str = "train"
+    allow_non_train_fit: bool = False
+    zero_std: str = "one"
+    eps: float = 1e-6
+    percentiles: tuple[float, ...] = (1.0, 5.0, 50.0, 95.0, 99.0)
+    block_images: int | None = None
+    split_every: int = 8
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StatsParams:
+        _check_keys("stats", raw, cls)
+        d = cls()
+        fit = parse_choice(raw.get("fit_split", d.fit_split), "stats.fit_split", FIT_SPLITS)
+        allow = raw.get("allow_non_train_fit", d.allow_non_train_fit)
+        if not isinstance(allow, bool):
+            raise _fail("stats.allow_non_train_fit", "true or false", allow)
+        if fit != "train" and not allow:
+            raise ParamsError(
+                f"stats.fit_split is {fit!r}: statistics fitted on data other than the training "
+                f"split leak evaluation data into training. If that is really intended, set "
+                f"stats.allow_non_train_fit: true (it is recorded in stats.json)."
+            )
+        eps = raw.get("eps", d.eps)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+            raise _fail("stats.eps", "a number > 0", eps)
+        block = raw.get("block_images", d.block_images)
+        return cls(
+            fit_split=fit,
+            allow_non_train_fit=allow,
+            zero_std=parse_choice(raw.get("zero_std", d.zero_std), "stats.zero_std", ZERO_STD),
+            eps=float(eps),
+            percentiles=parse_percentiles(raw.get("percentiles", d.percentiles), "stats.percentiles"),
+            block_images=None if block is None else parse_int(block, "stats.block_images", minimum=1),
+            split_every=parse_int(raw.get("split_every", d.split_every), "stats.split_every", minimum=2),
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Params:
     """All sections of params.yaml."""
@@ -255,6 +314,7 @@ class Params:
     base: BaseParams = field(default_factory=BaseParams)
     sample: SampleParams = field(default_factory=SampleParams)
     ingest: IngestParams = field(default_factory=IngestParams)
+    stats: StatsParams = field(default_factory=StatsParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, tuples as lists."""
@@ -269,7 +329,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-SECTIONS = {"base": BaseParams, "sample": SampleParams, "ingest": IngestParams}
+SECTIONS = {
+    "base": BaseParams,
+    "sample": SampleParams,
+    "ingest": IngestParams,
+    "stats": StatsParams,
+}
 
 
 def parse_params(raw: object, *, origin: str = "params") -> Params:
@@ -288,6 +353,7 @@ def parse_params(raw: object, *, origin: str = "params") -> Params:
         base=BaseParams.from_dict(_section(raw, "base")),
         sample=SampleParams.from_dict(_section(raw, "sample")),
         ingest=IngestParams.from_dict(_section(raw, "ingest")),
+        stats=StatsParams.from_dict(_section(raw, "stats")),
     )
 
 

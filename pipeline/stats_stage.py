@@ -1,0 +1,140 @@
+"""Stats stage: one chunked Dask pass over the fit split of a prepared store."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.errors import PipelineError, StoreError
+from pipeline.params import Params
+from pipeline.runner import run_tasks
+from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
+from pipeline.statsfile import (
+    STATS_SCHEMA,
+    STATS_ZARR,
+    channel_names,
+    write_arrays,
+    write_stats,
+)
+from pipeline.store import open_prepared
+
+__all__ = ["fit_range", "run_stats"]
+
+
+def fit_range(splits: dict[str, tuple[int, int]], fit_split: str) -> tuple[int, int]:
+    """Sample range of the fit split (splits are contiguous: train, val, test)."""
+    if fit_split == "all":
+        return (0, max(stop for _, stop in splits.values()))
+    return splits[fit_split]
+
+
+def _read_moments(images_path: str, start: int, stop: int) -> Moments:
+    """Chunk task: read samples [start, stop) and reduce them to exact moments."""
+    images = zarr.open_array(images_path, mode="r")
+    try:
+        block = images[start:stop]
+    except Exception as exc:  # zarr/numcodecs raise many types for damaged shards
+        raise StoreError(
+            f"cannot read samples {start}..{stop - 1} of {images_path}: {exc}. The store is "
+            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
+        ) from exc
+    return block_moments(np.asarray(block))
+
+
+def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) cut at multiples of ``size`` so blocks align with shards."""
+    edges = [start, *range((start // size + 1) * size, stop, size), stop]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def _tree(parts: Sequence[Any], split_every: int) -> Any:
+    """Combine delayed partials in a tree, ``split_every`` at a time."""
+    parts = list(parts)
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(combine, pure=True)(parts[i : i + split_every])
+            for i in range(0, len(parts), split_every)
+        ]
+    return parts[0]
+
+
+def compute_moments(images_path: Path, start: int, stop: int, params: Params,
+                    *, block_images: int, progress: bool = False) -> Moments:
+    """Exact moments of samples [start, stop) with one Dask pass."""
+    chunks = [
+        dask.delayed(_read_moments, pure=True)(str(images_path), a, b)
+        for a, b in _blocks(start, stop, block_images)
+    ]
+    (result,) = run_tasks([_tree(chunks, params.stats.split_every)], params.base, kind="reduce",
+                          progress=progress)
+    return result  # type: ignore[no-any-return]
+
+
+def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> dict[str, Any]:
+    """The stats.json content (arrays digest added on publish)."""
+    sp = params.stats
+    names = channel_names(len(fit.channels))
+    pm = fit.pixel_max
+    channels = {}
+    for name, ch in zip(names, fit.channels, strict=True):
+        zero = ch.std == 0
+        std = ch.std if not zero else (1.0 if sp.zero_std == "one" else sp.eps)
+        channels[name] = {
+            "mean": ch.mean, "std": std, "raw_std": ch.std, "zero_std": zero,
+            "min": ch.minimum, "max": ch.maximum,
+            "mean_01": ch.mean / pm, "std_01": std / pm,
+            "percentiles": {f"p{q:g}": v for q, v in ch.percentiles.items()},
+            "mean_of_image_stds": ch.mean_of_image_stds,
+        }
+    return {
+        "schema": STATS_SCHEMA,
+        "fit_split": sp.fit_split,
+        "non_train_fit": sp.fit_split != "train",
+        "fingerprint": fingerprint,
+        "pixel_max": pm,
+        "channel_names": names,
+        "count": {"images": fit.n_images, "pixels_per_channel": fit.channels[0].count,
+                  "prepared_images": total},
+        "channels": channels,
+        "global": {"mean": fit.global_mean, "std": fit.global_std,
+                   "mean_01": fit.global_mean / pm, "std_01": fit.global_std / pm},
+        "params": {"stats": {"fit_split": sp.fit_split, "zero_std": sp.zero_std, "eps": sp.eps,
+                             "percentiles": list(sp.percentiles)}},
+        "versions": {"pipeline": __version__, "numpy": np.__version__, "zarr": zarr.__version__,
+                     "dask": dask.__version__},
+    }
+
+
+def run_stats(prepared: Path, out_dir: Path, params: Params, *, progress: bool = False) -> dict[str, Any]:
+    """Run the stats stage; return the stats.json document."""
+    store = open_prepared(Path(prepared))
+    start, stop = fit_range(store.splits, params.stats.fit_split)
+    if stop <= start:
+        raise PipelineError(
+            f"The {params.stats.fit_split!r} split of {prepared} is empty: nothing to fit "
+            f"statistics on. Check ingest.split, or choose another stats.fit_split."
+        )
+    block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
+    moments = compute_moments(Path(prepared) / "images", start, stop, params,
+                              block_images=block, progress=progress)
+    fit = aggregate(moments, params.stats.percentiles)
+    doc = _document(fit, params, store.fingerprint, store.images.shape[0])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(f".{STATS_ZARR}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = out_dir / f".{STATS_ZARR}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        write_arrays(tmp, fit, moments, zero_std=params.stats.zero_std, eps=params.stats.eps)
+        write_stats(out_dir, tmp, doc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return doc
