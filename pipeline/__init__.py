@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pipeline.statsfile import Stats, load_stats  # noqa: E402
+from pipeline.statsfile import Stats, load_stats
 
 __all__ = ["Stats", "__version__", "load_stats"]

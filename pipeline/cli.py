@@ -30,8 +30,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 ParamsOption = Annotated[
     Path | None,
     typer.Option(
-        "--params", help="Params file to read instead of params.yaml in the working directory.",
-        exists=True, dir_okay=False, resolve_path=True,
+        "--params",
+        help="Params file to read instead of params.yaml in the working directory.",
+        exists=True,
+        dir_okay=False,
+        resolve_path=True,
     ),
 ]
 
@@ -74,7 +77,9 @@ def sample(
 @_reports_errors
 def ingest(
     source: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
-    out: Annotated[Path, typer.Argument(help="Output folder: images.zarr, manifest, rejected.json.")],
+    out: Annotated[
+        Path, typer.Argument(help="Output folder: images.zarr, manifest, rejected.json.")
+    ],
     params: ParamsOption = None,
 ) -> None:
     """Decode SOURCE into the sharded Zarr store OUT/images.zarr with its manifest."""
@@ -86,7 +91,8 @@ def ingest(
     if result.rejected:
         typer.echo(
             f"ingest: skipped {len(result.rejected)} unusable file(s); reasons in "
-            f"{out}/rejected.json", err=True,
+            f"{out}/rejected.json",
+            err=True,
         )
 
 

@@ -29,9 +29,7 @@ __all__ = [
     "split_of",
 ]
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
 # Files and folders that operating systems and archivers leave behind in image collections.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "$recycle.bin"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -133,9 +131,7 @@ def _base_gray(mode: str) -> bool:
 
 
 def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in {"RGBA", "LA", "PA", "La", "RGBa"} or (
-        im.mode == "P" and "transparency" in im.info
-    )
+    return im.mode in {"RGBA", "LA", "PA", "La", "RGBa"} or "transparency" in im.info
 
 
 def _flatten_alpha(im: Image.Image, params: IngestParams) -> Image.Image:
@@ -222,15 +218,20 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     try:
-        im = ImageOps.exif_transpose(im)
-        im = _to_store_mode(im, params, channels)
-        im = _resize(im, params)
-        pixels = _to_array(im, params, channels)
+        upright: Image.Image = ImageOps.exif_transpose(im)
+        converted = _resize(_to_store_mode(upright, params, channels), params)
+        pixels = _to_array(converted, params, channels)
     except (OSError, ValueError) as exc:
         raise DecodeError(f"cannot convert {mode} image: {exc}") from exc
     if params.image_size is not None and pixels.shape[:2] != params.image_size:
         raise DecodeError(f"resized to {pixels.shape[:2]}, expected {params.image_size}")
     return Decoded(
-        pixels=pixels, sha256=sha, format=fmt, mode=mode, width=width, height=height,
-        frames=frames, orientation=orientation,
+        pixels=pixels,
+        sha256=sha,
+        format=fmt,
+        mode=mode,
+        width=width,
+        height=height,
+        frames=frames,
+        orientation=orientation,
     )

@@ -80,8 +80,10 @@ def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
     return sorted(files, key=lambda f: (order[f.split], f.relpath))
 
 
-def _probe_shape(root: Path, files: Sequence[SourceFile], params: IngestParams) -> tuple[int, ...]:
-    """(H, W, C) of the store: from ingest.image_size, or the first readable image's upright size."""
+def _probe_shape(
+    root: Path, files: Sequence[SourceFile], params: IngestParams
+) -> tuple[int, int, int]:
+    """(H, W, C) of the store: ingest.image_size, or the first readable image's upright size."""
     for f in files:
         try:
             with Image.open(root / f.relpath) as im:
@@ -99,8 +101,12 @@ def _probe_shape(root: Path, files: Sequence[SourceFile], params: IngestParams) 
 
 
 def _decode_shard(
-    root: str, relpaths: Sequence[str], images_path: str, start: int,
-    params: IngestParams, shape: tuple[int, int, int],
+    root: str,
+    relpaths: Sequence[str],
+    images_path: str,
+    start: int,
+    params: IngestParams,
+    shape: tuple[int, int, int],
 ) -> list[dict[str, Any]]:
     """Decode the files of one shard and write the whole shard; return one record per file."""
     images = zarr.open_array(images_path, mode="r+")
@@ -124,10 +130,17 @@ def _decode_shard(
             records.append({"error": str(exc), "sha256": hashlib.sha256(data).hexdigest()})
             continue
         buf[i] = d.pixels
-        records.append({
-            "sha256": d.sha256, "format": d.format, "mode": d.mode, "width": d.width,
-            "height": d.height, "frames": d.frames, "orientation": d.orientation,
-        })
+        records.append(
+            {
+                "sha256": d.sha256,
+                "format": d.format,
+                "mode": d.mode,
+                "width": d.width,
+                "height": d.height,
+                "frames": d.frames,
+                "orientation": d.orientation,
+            }
+        )
     images[start : start + len(relpaths)] = buf
     return records
 
@@ -144,10 +157,9 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _decoder_versions() -> dict[str, str]:
-    from PIL import features
-
     import dask as _dask
     import PIL
+    from PIL import features
 
     return {
         "pipeline": __version__,
@@ -177,38 +189,61 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
         group = zarr.open_group(tmp / "images.zarr", mode="w")
         n = len(files)
         cand_name = "images" if ip.on_error == "fail" else "candidates"
-        cand = create_images_array(
-            group, cand_name, shape=(n, *shape), dtype=dtype,
-            chunk_images=ip.chunk_images, shard_images=ip.shard_images,
-            codec=ip.codec, codec_level=ip.codec_level,
+        create_images_array(
+            group,
+            cand_name,
+            shape=(n, *shape),
+            dtype=dtype,
+            chunk_images=ip.chunk_images,
+            shard_images=ip.shard_images,
+            codec=ip.codec,
+            codec_level=ip.codec_level,
         )
         tasks = [
             dask.delayed(_decode_shard, pure=True)(
-                str(source), [f.relpath for f in files[a:b]], str(tmp / "images.zarr" / cand_name),
-                a, ip, shape,
+                str(source),
+                [f.relpath for f in files[a:b]],
+                str(tmp / "images.zarr" / cand_name),
+                a,
+                ip,
+                shape,
             )
             for a, b in _shards(n, ip.shard_images)
         ]
-        records = [r for shard in run_tasks(tasks, params.base, kind="decode", progress=progress)
-                   for r in shard]
-        rejected = sorted(broken + [(f.relpath, r["error"]) for f, r in zip(files, records)
-                                    if "error" in r])
+        records = [
+            r
+            for shard in run_tasks(tasks, params.base, kind="decode", progress=progress)
+            for r in shard
+        ]
+        rejected = sorted(
+            broken
+            + [(f.relpath, r["error"]) for f, r in zip(files, records, strict=True) if "error" in r]
+        )
         if rejected and ip.on_error == "fail":
             raise BadImagesError(rejected)
         kept = [i for i, r in enumerate(records) if "error" not in r]
         if not kept:
-            raise PipelineError(f"None of the {len(rejected)} files under {source} is usable; "
-                                f"see the reasons above or in rejected.json.")
+            raise PipelineError(
+                f"None of the {len(rejected)} files under {source} is usable; "
+                f"see the reasons above or in rejected.json."
+            )
         if ip.on_error == "skip":
             final = create_images_array(
-                group, "images", shape=(len(kept), *shape), dtype=dtype,
-                chunk_images=ip.chunk_images, shard_images=ip.shard_images,
-                codec=ip.codec, codec_level=ip.codec_level,
+                group,
+                "images",
+                shape=(len(kept), *shape),
+                dtype=dtype,
+                chunk_images=ip.chunk_images,
+                shard_images=ip.shard_images,
+                codec=ip.codec,
+                codec_level=ip.codec_level,
             )
             copies = [
                 dask.delayed(_copy_shard, pure=True)(
-                    str(tmp / "images.zarr" / "candidates"), str(tmp / "images.zarr" / "images"),
-                    kept[a:b], a,
+                    str(tmp / "images.zarr" / "candidates"),
+                    str(tmp / "images.zarr" / "images"),
+                    kept[a:b],
+                    a,
                 )
                 for a, b in _shards(len(kept), ip.shard_images)
             ]
@@ -229,21 +264,25 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
         fingerprint = hashlib.sha256(
             dumps_json({"manifest_sha256": manifest, "decode": ip.decode_dict()}).encode()
         ).hexdigest()
-        group.attrs.update({
-            "schema": PREPARED_SCHEMA,
-            "classes": classes,
-            "splits": bounds,
-            "fingerprint": fingerprint,
-            "manifest_sha256": manifest,
-            "pixel_max": 255 if ip.bit_depth == 8 else 65535,
-            "channels": shape[2],
-            "decode": ip.decode_dict(),
-            "versions": _decoder_versions(),
-        })
+        group.attrs.update(
+            {
+                "schema": PREPARED_SCHEMA,
+                "classes": classes,
+                "splits": bounds,
+                "fingerprint": fingerprint,
+                "manifest_sha256": manifest,
+                "pixel_max": 255 if ip.bit_depth == 8 else 65535,
+                "channels": shape[2],
+                "decode": ip.decode_dict(),
+                "versions": _decoder_versions(),
+            }
+        )
     return IngestResult(count=len(kept), per_split=per_split, rejected=rejected)
 
 
-def _write_manifest(path: Path, files: Sequence[SourceFile], records: Sequence[dict[str, Any]]) -> str:
+def _write_manifest(
+    path: Path, files: Sequence[SourceFile], records: Sequence[dict[str, Any]]
+) -> str:
     """One JSON line per stored sample, in store order; return the file's sha256."""
     lines = []
     for index, (f, r) in enumerate(zip(files, records, strict=True)):
@@ -260,12 +299,20 @@ def _write_sample_arrays(group: zarr.Group, files: Sequence[SourceFile]) -> None
     classes = sorted({f.label for f in files if f.label})
     index = {c: i for i, c in enumerate(classes)}
     codes = {s: i for i, s in enumerate(SPLITS)}
-    label = group.create_array("label", shape=(n,), chunks=(n,), dtype="int16",
-                               dimension_names=("sample",), fill_value=-1)
+    label = group.create_array(
+        "label", shape=(n,), chunks=(n,), dtype="int16", dimension_names=("sample",), fill_value=-1
+    )
     label[:] = np.array([index.get(f.label, -1) for f in files], dtype=np.int16)
-    split = group.create_array("split", shape=(n,), chunks=(n,), dtype="uint8",
-                               dimension_names=("sample",), attributes={"codes": list(SPLITS)})
+    split = group.create_array(
+        "split",
+        shape=(n,),
+        chunks=(n,),
+        dtype="uint8",
+        dimension_names=("sample",),
+        attributes={"codes": list(SPLITS)},
+    )
     split[:] = np.array([codes[f.split] for f in files], dtype=np.uint8)
-    path = group.create_array("path", shape=(n,), chunks=(n,), dtype=str,
-                              dimension_names=("sample",))
+    path = group.create_array(
+        "path", shape=(n,), chunks=(n,), dtype=str, dimension_names=("sample",)
+    )
     path[:] = np.array([f.relpath for f in files], dtype=object)

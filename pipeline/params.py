@@ -39,7 +39,7 @@ BIT_DEPTHS = (8, 16)
 SPLIT_METHODS = ("hash", "folders")
 ON_ERROR = ("fail", "skip")
 CODECS = ("none", "zstd", "lz4")
-# Pillow's own default limit (Image.MAX_IMAGE_PIXELS); copied so params do not depend on import order.
+# Pillow's default Image.MAX_IMAGE_PIXELS, copied so params do not depend on Pillow's state.
 PILLOW_MAX_PIXELS = 89_478_485
 
 
@@ -52,7 +52,9 @@ def _fail(key: str, expected: str, value: object) -> ParamsError:
 
 def parse_choice(value: object, key: str, choices: Sequence[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``."""
-    if isinstance(value, bool) or value not in choices:
+    if isinstance(value, bool) or not any(
+        type(value) is type(choice) and value == choice for choice in choices
+    ):
         allowed = ", ".join(repr(c) for c in choices)
         raise _fail(key, f"one of {allowed}", value)
     return value
@@ -108,7 +110,7 @@ RENAMED = {"ingest.size": "ingest.image_size"}
 
 def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - known)
+    unknown = sorted(set(given) - known, key=repr)
     for key in unknown:
         if f"{section}.{key}" in RENAMED:
             raise ParamsError(
@@ -180,7 +182,9 @@ class SplitParams:
     @classmethod
     def from_dict(cls, raw: object) -> SplitParams:
         if not isinstance(raw, Mapping):
-            raise _fail("ingest.split", "a mapping such as {method: hash, val: 0.1, test: 0.1}", raw)
+            raise _fail(
+                "ingest.split", "a mapping such as {method: hash, val: 0.1, test: 0.1}", raw
+            )
         _check_keys("ingest.split", raw, cls)
         method = parse_choice(raw.get("method", "hash"), "ingest.split.method", SPLIT_METHODS)
         val = parse_fraction(raw.get("val", 0.1), "ingest.split.val")
@@ -221,20 +225,28 @@ class IngestParams:
         chunk = parse_int(raw.get("chunk_images", d.chunk_images), "ingest.chunk_images", minimum=1)
         shard = parse_int(raw.get("shard_images", d.shard_images), "ingest.shard_images", minimum=1)
         if shard % chunk:
-            raise _fail("ingest.shard_images", f"a multiple of ingest.chunk_images ({chunk})", shard)
+            raise _fail(
+                "ingest.shard_images", f"a multiple of ingest.chunk_images ({chunk})", shard
+            )
         return cls(
             source=source,
             image_size=parse_size(raw.get("image_size", d.image_size), "ingest.image_size"),
             resize=parse_choice(raw.get("resize", d.resize), "ingest.resize", RESIZE_POLICIES),
-            resample=parse_choice(raw.get("resample", d.resample), "ingest.resample", RESAMPLE_FILTERS),
+            resample=parse_choice(
+                raw.get("resample", d.resample), "ingest.resample", RESAMPLE_FILTERS
+            ),
             pad_value=parse_color(raw.get("pad_value", d.pad_value), "ingest.pad_value"),
             color=parse_choice(raw.get("color", d.color), "ingest.color", COLORS),
             alpha=parse_choice(raw.get("alpha", d.alpha), "ingest.alpha", ALPHA_POLICIES),
             background=parse_color(raw.get("background", d.background), "ingest.background"),
-            bit_depth=parse_choice(raw.get("bit_depth", d.bit_depth), "ingest.bit_depth", BIT_DEPTHS),
+            bit_depth=parse_choice(
+                raw.get("bit_depth", d.bit_depth), "ingest.bit_depth", BIT_DEPTHS
+            ),
             split=SplitParams.from_dict(raw.get("split", {})),
             on_error=parse_choice(raw.get("on_error", d.on_error), "ingest.on_error", ON_ERROR),
-            max_pixels=parse_int(raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1),
+            max_pixels=parse_int(
+                raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1
+            ),
             chunk_images=chunk,
             shard_images=shard,
             codec=parse_choice(raw.get("codec", d.codec), "ingest.codec", CODECS),
@@ -301,9 +313,15 @@ class StatsParams:
             allow_non_train_fit=allow,
             zero_std=parse_choice(raw.get("zero_std", d.zero_std), "stats.zero_std", ZERO_STD),
             eps=float(eps),
-            percentiles=parse_percentiles(raw.get("percentiles", d.percentiles), "stats.percentiles"),
-            block_images=None if block is None else parse_int(block, "stats.block_images", minimum=1),
-            split_every=parse_int(raw.get("split_every", d.split_every), "stats.split_every", minimum=2),
+            percentiles=parse_percentiles(
+                raw.get("percentiles", d.percentiles), "stats.percentiles"
+            ),
+            block_images=None
+            if block is None
+            else parse_int(block, "stats.block_images", minimum=1),
+            split_every=parse_int(
+                raw.get("split_every", d.split_every), "stats.split_every", minimum=2
+            ),
         )
 
 
@@ -343,7 +361,7 @@ def parse_params(raw: object, *, origin: str = "params") -> Params:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"Expected a mapping of sections in {origin}. Got {raw!r} instead.")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS), key=repr)
     if unknown:
         raise ParamsError(
             f"Unknown section(s) {', '.join(repr(k) for k in unknown)} in {origin}. "
@@ -367,6 +385,8 @@ def load_params(path: Path | None = None) -> Params:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsError(f"Cannot read params file {path}: {exc.strerror}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path} is not UTF-8 text: {exc}. Save it as UTF-8.") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

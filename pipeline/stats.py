@@ -90,9 +90,7 @@ def block_moments(block: np.ndarray) -> Moments:
         pixel_sumsq = squares.sum(axis=0, dtype=np.uint64).astype(object)
     # Per-image, per-channel sums: reduce over rows first (contiguous), then fold x into channels.
     image_sum = rows.reshape(n, h, w * c).sum(axis=1, dtype=acc).reshape(n, w, c).sum(1)
-    image_sumsq = (
-        squares.reshape(n, h, w * c).sum(axis=1, dtype=np.uint64).reshape(n, w, c).sum(1)
-    )
+    image_sumsq = squares.reshape(n, h, w * c).sum(axis=1, dtype=np.uint64).reshape(n, w, c).sum(1)
     return Moments(
         n_images=n,
         pixel_max=pixel_max,
@@ -237,8 +235,10 @@ def aggregate(m: Moments, percentiles: Sequence[float] = (50.0,)) -> FitResult:
     ss = m.pixel_sumsq.astype(object) if m.pixel_sumsq.dtype != object else m.pixel_sumsq
     mean_image = np.array([float(Fraction(int(v), n)) for v in s.reshape(-1)]).reshape(s.shape)
     std_image = np.array(
-        [_sqrt_ratio(n * int(b) - int(a) * int(a), n * n) for a, b in zip(
-            s.reshape(-1), ss.reshape(-1), strict=True)]
+        [
+            _sqrt_ratio(n * int(b) - int(a) * int(a), n * n)
+            for a, b in zip(s.reshape(-1), ss.reshape(-1), strict=True)
+        ]
     ).reshape(s.shape)
     return FitResult(
         n_images=n,

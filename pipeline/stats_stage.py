@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ def _read_moments(images_path: str, start: int, stop: int) -> Moments:
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) cut at multiples of ``size`` so blocks align with shards."""
     edges = [start, *range((start // size + 1) * size, stop, size), stop]
-    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _tree(parts: Sequence[Any], split_every: int) -> Any:
@@ -66,15 +67,23 @@ def _tree(parts: Sequence[Any], split_every: int) -> Any:
     return parts[0]
 
 
-def compute_moments(images_path: Path, start: int, stop: int, params: Params,
-                    *, block_images: int, progress: bool = False) -> Moments:
+def compute_moments(
+    images_path: Path,
+    start: int,
+    stop: int,
+    params: Params,
+    *,
+    block_images: int,
+    progress: bool = False,
+) -> Moments:
     """Exact moments of samples [start, stop) with one Dask pass."""
     chunks = [
         dask.delayed(_read_moments, pure=True)(str(images_path), a, b)
         for a, b in _blocks(start, stop, block_images)
     ]
-    (result,) = run_tasks([_tree(chunks, params.stats.split_every)], params.base, kind="reduce",
-                          progress=progress)
+    (result,) = run_tasks(
+        [_tree(chunks, params.stats.split_every)], params.base, kind="reduce", progress=progress
+    )
     return result  # type: ignore[no-any-return]
 
 
@@ -88,9 +97,14 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
         zero = ch.std == 0
         std = ch.std if not zero else (1.0 if sp.zero_std == "one" else sp.eps)
         channels[name] = {
-            "mean": ch.mean, "std": std, "raw_std": ch.std, "zero_std": zero,
-            "min": ch.minimum, "max": ch.maximum,
-            "mean_01": ch.mean / pm, "std_01": std / pm,
+            "mean": ch.mean,
+            "std": std,
+            "raw_std": ch.std,
+            "zero_std": zero,
+            "min": ch.minimum,
+            "max": ch.maximum,
+            "mean_01": ch.mean / pm,
+            "std_01": std / pm,
             "percentiles": {f"p{q:g}": v for q, v in ch.percentiles.items()},
             "mean_of_image_stds": ch.mean_of_image_stds,
         }
@@ -101,19 +115,38 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
         "fingerprint": fingerprint,
         "pixel_max": pm,
         "channel_names": names,
-        "count": {"images": fit.n_images, "pixels_per_channel": fit.channels[0].count,
-                  "prepared_images": total},
+        "count": {
+            "images": fit.n_images,
+            "pixels_per_channel": fit.channels[0].count,
+            "prepared_images": total,
+        },
         "channels": channels,
-        "global": {"mean": fit.global_mean, "std": fit.global_std,
-                   "mean_01": fit.global_mean / pm, "std_01": fit.global_std / pm},
-        "params": {"stats": {"fit_split": sp.fit_split, "zero_std": sp.zero_std, "eps": sp.eps,
-                             "percentiles": list(sp.percentiles)}},
-        "versions": {"pipeline": __version__, "numpy": np.__version__, "zarr": zarr.__version__,
-                     "dask": dask.__version__},
+        "global": {
+            "mean": fit.global_mean,
+            "std": fit.global_std,
+            "mean_01": fit.global_mean / pm,
+            "std_01": fit.global_std / pm,
+        },
+        "params": {
+            "stats": {
+                "fit_split": sp.fit_split,
+                "zero_std": sp.zero_std,
+                "eps": sp.eps,
+                "percentiles": list(sp.percentiles),
+            }
+        },
+        "versions": {
+            "pipeline": __version__,
+            "numpy": np.__version__,
+            "zarr": zarr.__version__,
+            "dask": dask.__version__,
+        },
     }
 
 
-def run_stats(prepared: Path, out_dir: Path, params: Params, *, progress: bool = False) -> dict[str, Any]:
+def run_stats(
+    prepared: Path, out_dir: Path, params: Params, *, progress: bool = False
+) -> dict[str, Any]:
     """Run the stats stage; return the stats.json document."""
     store = open_prepared(Path(prepared))
     start, stop = fit_range(store.splits, params.stats.fit_split)
@@ -123,8 +156,9 @@ def run_stats(prepared: Path, out_dir: Path, params: Params, *, progress: bool =
             f"statistics on. Check ingest.split, or choose another stats.fit_split."
         )
     block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
-    moments = compute_moments(Path(prepared) / "images", start, stop, params,
-                              block_images=block, progress=progress)
+    moments = compute_moments(
+        Path(prepared) / "images", start, stop, params, block_images=block, progress=progress
+    )
     fit = aggregate(moments, params.stats.percentiles)
     doc = _document(fit, params, store.fingerprint, store.images.shape[0])
     out_dir = Path(out_dir)

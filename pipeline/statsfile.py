@@ -25,9 +25,13 @@ STATS_ZARR = "stats.zarr"
 
 def channel_names(channels: int) -> list[str]:
     """Names used as keys in stats.json: R, G, B for colour, L for gray."""
-    return ["R", "G", "B"] if channels == 3 else ["L"] if channels == 1 else [
-        f"C{i}" for i in range(channels)
-    ]
+    return (
+        ["R", "G", "B"]
+        if channels == 3
+        else ["L"]
+        if channels == 1
+        else [f"C{i}" for i in range(channels)]
+    )
 
 
 def tree_sha256(root: Path) -> str:
@@ -45,14 +49,22 @@ def _safe(std: np.ndarray, policy: str, eps: float) -> np.ndarray:
     return np.where(std > 0, std, 1.0 if policy == "one" else eps)
 
 
-def write_arrays(path: Path, fit: FitResult, moments: Moments, *, zero_std: str, eps: float) -> None:
+def write_arrays(
+    path: Path, fit: FitResult, moments: Moments, *, zero_std: str, eps: float
+) -> None:
     """Write stats.zarr: mean/std images, histograms and the exact sufficient statistics."""
     group = zarr.open_group(path, mode="w")
     dims = ("y", "x", "channel")
 
     def put(name: str, data: np.ndarray, dimension_names: tuple[str, ...]) -> None:
-        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                                 dimension_names=dimension_names, compressors=None)
+        arr = group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=data.shape,
+            dimension_names=dimension_names,
+            compressors=None,
+        )
         arr[...] = data
 
     put("mean_image", fit.mean_image, dims)
@@ -65,9 +77,7 @@ def write_arrays(path: Path, fit: FitResult, moments: Moments, *, zero_std: str,
         put("pixel_sumsq", moments.pixel_sumsq.astype(np.int64), dims)
 
 
-def write_stats(
-    out_dir: Path, tmp_arrays: Path, doc: dict[str, Any]
-) -> None:
+def write_stats(out_dir: Path, tmp_arrays: Path, doc: dict[str, Any]) -> None:
     """Publish stats.zarr (already written at ``tmp_arrays``) and then stats.json, atomically."""
     doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp_arrays)}
     final_arrays = out_dir / STATS_ZARR
@@ -122,6 +132,13 @@ class Stats:
         }
 
 
+def _read(group: zarr.Group, name: str) -> np.ndarray:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store_path}/{name} is not an array.")
+    return np.asarray(node[...])
+
+
 def load_stats(path: str | os.PathLike[str]) -> Stats:
     """Load the stats folder (or its stats.json), checking that its array file matches.
 
@@ -143,7 +160,9 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         raw = json_path.read_bytes()
         doc = json.loads(raw)
     except FileNotFoundError as exc:
-        raise StoreError(f"No stats at {json_path}. Run `pipeline stats` (dvc repro) first.") from exc
+        raise StoreError(
+            f"No stats at {json_path}. Run `pipeline stats` (dvc repro) first."
+        ) from exc
     except (OSError, ValueError) as exc:
         raise StoreError(f"{json_path} is not a readable stats file: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("schema") != STATS_SCHEMA:
@@ -165,8 +184,8 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         mean=np.array([per[c]["mean"] for c in names], dtype=np.float64),
         std=np.array([per[c]["std"] for c in names], dtype=np.float64),
         pixel_max=int(doc["pixel_max"]),
-        mean_image=np.asarray(group["mean_image"][...]),
-        std_image=np.asarray(group["std_image"][...]),
+        mean_image=np.asarray(_read(group, "mean_image")),
+        std_image=np.asarray(_read(group, "std_image")),
         count=int(doc["count"]["images"]),
         fit_split=str(doc["fit_split"]),
         fingerprint=str(doc["fingerprint"]),
@@ -175,7 +194,7 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         global_std=float(doc["global"]["std"]),
         minimum=np.array([per[c]["min"] for c in names]),
         maximum=np.array([per[c]["max"] for c in names]),
-        histogram=np.asarray(group["histogram"][...]),
+        histogram=np.asarray(_read(group, "histogram")),
         sha256=hashlib.sha256(raw).hexdigest(),
         path=json_path.parent,
         doc=doc,

@@ -35,7 +35,7 @@ __all__ = [
 PREPARED_SCHEMA = "pipeline.prepared/1"
 IMAGE_DIMS = ("sample", "y", "x", "channel")
 # zarr's default (False) checks every chunk for emptiness and halved write speed here.
-WRITE_CONFIG = {"write_empty_chunks": True}
+WRITE_CONFIG: Any = {"write_empty_chunks": True}
 
 
 def dumps_json(value: Any) -> str:
@@ -153,7 +153,7 @@ class PreparedStore:
 
     def paths(self) -> list[str]:
         """Source path (relative to the source folder) per sample."""
-        return [str(p) for p in zarr.open_array(self.path / "path", mode="r")[:]]
+        return [str(p) for p in np.asarray(zarr.open_array(self.path / "path", mode="r")[:])]
 
 
 def open_prepared(path: Path) -> PreparedStore:
@@ -170,7 +170,7 @@ def open_prepared(path: Path) -> PreparedStore:
                 f"{PREPARED_SCHEMA!r}). Run `pipeline ingest` to make one."
             )
         images = group["images"]
-    except (KeyError, zarr.errors.ZarrError, json.JSONDecodeError, ValueError) as exc:
+    except (KeyError, zarr.errors.BaseZarrError, json.JSONDecodeError, ValueError) as exc:
         raise StoreError(f"{path} is not a readable prepared store: {exc}") from exc
     if not isinstance(images, zarr.Array) or images.ndim != 4:
         raise StoreError(f"{path}/images is not a 4-D (sample, y, x, channel) array.")

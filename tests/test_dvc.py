@@ -27,7 +27,9 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work)
-    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sample"]["images_per_class"] = 4
     params["ingest"]["image_size"] = [32, 32]
@@ -39,8 +41,10 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "HOME": str(home),
         "DVC_NO_ANALYTICS": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
     run(["git", "init", "-q"], work, env)
     run(["dvc", "init", "-q"], work, env)
@@ -90,8 +94,9 @@ def test_bad_param_fails_the_stage_with_a_named_key(repo: tuple[Path, dict[str, 
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["resize"] = "squash"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, check=False
+    )
     assert proc.returncode != 0
     assert "ingest.resize" in proc.stderr + proc.stdout
     assert "'squash'" in proc.stderr + proc.stdout

@@ -68,7 +68,8 @@ def oracle(path: Path) -> np.ndarray:
 def tree_digest(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -103,7 +104,11 @@ def test_manifest_records_every_file(folder: Path, tmp_path: Path) -> None:
         src = folder / r["path"]
         assert r["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
         with Image.open(src) as im:
-            assert (r["width"], r["height"], r["mode"], r["format"]) == (*im.size, im.mode, im.format)
+            assert (r["width"], r["height"], r["mode"], r["format"]) == (
+                *im.size,
+                im.mode,
+                im.format,
+            )
     assert json.loads((out / "rejected.json").read_text()) == []
 
 
@@ -186,7 +191,7 @@ def test_on_error_skip_records_reasons_and_keeps_the_rest(folder: Path, tmp_path
 
 
 def test_native_size_requires_equal_sizes(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(BadImagesError, match="set ingest.image_size"):
+    with pytest.raises(BadImagesError, match=r"set ingest\.image_size"):
         run_ingest(folder, tmp_path / "prepared", params(image_size=None))
 
 
@@ -197,7 +202,9 @@ def test_native_size_keeps_pixels_exactly(tmp_path: Path) -> None:
     arrays = [make_photo(rng, 30, 20) for _ in range(5)]
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(src / f"{i}.png")
-    run_ingest(tmp_path / "src", tmp_path / "out", params(image_size=None, split={"val": 0, "test": 0}))
+    run_ingest(
+        tmp_path / "src", tmp_path / "out", params(image_size=None, split={"val": 0, "test": 0})
+    )
     images = zarr.open_array(tmp_path / "out" / "images.zarr" / "images", mode="r")
     np.testing.assert_array_equal(images[:], np.stack(arrays))
 
@@ -210,7 +217,8 @@ def test_sixteen_bit_gray_stays_exact(tmp_path: Path) -> None:
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(src / f"{i}.png")
     run_ingest(
-        tmp_path / "src", tmp_path / "out",
+        tmp_path / "src",
+        tmp_path / "out",
         params(image_size=None, bit_depth=16, color="gray", split={"val": 0, "test": 0}),
     )
     group = zarr.open_group(tmp_path / "out" / "images.zarr", mode="r")
@@ -226,7 +234,9 @@ def test_folder_splits(tmp_path: Path) -> None:
         for cls in ("a", "b"):
             (tmp_path / "src" / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(make_photo(rng, 30, 30)).save(tmp_path / "src" / split / cls / f"{i}.png")
+                Image.fromarray(make_photo(rng, 30, 30)).save(
+                    tmp_path / "src" / split / cls / f"{i}.png"
+                )
     result = run_ingest(tmp_path / "src", tmp_path / "out", params(split={"method": "folders"}))
     assert result.per_split == {"train": 10, "val": 4, "test": 6}
     group = zarr.open_group(tmp_path / "out" / "images.zarr", mode="r")

@@ -1,0 +1,799 @@
+"""decode_image, list_images and split_of, checked pixel by pixel against Pillow's own API.
+
+Every image is made by Pillow in memory; the expected pixels are computed by an independent
+chain of Pillow calls on the same bytes (the oracle), never by the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps, features
+
+from pipeline.errors import StoreError
+from pipeline.images import (
+    Decoded,
+    DecodeError,
+    decode_image,
+    list_images,
+    output_channels,
+    split_of,
+)
+from pipeline.params import IngestParams, parse_params
+
+Oracle = Callable[[Image.Image], Image.Image]
+HAS_WEBP = features.check("webp")
+needs_webp = pytest.mark.skipif(not HAS_WEBP, reason="Pillow built without WebP support")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def ingest(**overrides: Any) -> IngestParams:
+    """IngestParams through the public parser; native size unless ``image_size`` is given."""
+    raw = {"image_size": None, **overrides}
+    return parse_params({"ingest": raw}).ingest
+
+
+def encode(im: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def pillow_open(data: bytes) -> Image.Image:
+    """Pillow's own decode of ``data``, fully loaded (the oracle's starting point)."""
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def as_hwc(im: Image.Image) -> np.ndarray:
+    a = np.asarray(im)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
+
+
+def assert_pixels(decoded: Decoded, expected: np.ndarray) -> None:
+    assert decoded.pixels.dtype == expected.dtype
+    assert decoded.pixels.shape == expected.shape
+    np.testing.assert_array_equal(decoded.pixels, expected)
+
+
+def gradient_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth gradient plus noise, so crops, pads and filters all change pixel values."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    r = x * 255 // max(width - 1, 1)
+    g = y * 255 // max(height - 1, 1)
+    b = (x + y) * 255 // max(width + height - 2, 1)
+    a = np.stack([r, g, b], axis=-1) + rng.integers(-20, 21, (height, width, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def alpha_ramp(width: int, height: int) -> Image.Image:
+    """Alpha covering 0..255, including fully transparent and fully opaque pixels."""
+    a = (np.arange(width * height) * 255 // (width * height - 1)).astype(np.uint8)
+    return Image.fromarray(a.reshape(height, width))
+
+
+def gray(width: int, height: int, seed: int = 1) -> Image.Image:
+    return gradient_rgb(width, height, seed).convert("L")
+
+
+RGB_SRC = gradient_rgb(37, 23)
+RGB_PNG = encode(RGB_SRC, "PNG")
+GRAY_PNG = encode(gray(37, 23), "PNG")
+TALL_PNG = encode(gradient_rgb(11, 29, seed=2), "PNG")
+
+
+# --- resize policies -------------------------------------------------------------------------
+
+BILINEAR = Image.Resampling.BILINEAR
+
+
+@pytest.mark.parametrize(
+    ("data", "params", "channels", "oracle"),
+    [
+        pytest.param(
+            RGB_PNG, {"image_size": [16, 16]}, 3,
+            lambda im: ImageOps.fit(im.convert("RGB"), (16, 16), method=BILINEAR),
+            id="crop-default-bilinear-square",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": [12, 20], "resample": "lanczos"}, 3,
+            lambda im: ImageOps.fit(
+                im.convert("RGB"), (20, 12), method=Image.Resampling.LANCZOS
+            ),
+            id="crop-lanczos-wide",
+        ),
+        pytest.param(
+            TALL_PNG, {"image_size": [9, 9], "resample": "bicubic"}, 3,
+            lambda im: ImageOps.fit(im.convert("RGB"), (9, 9), method=Image.Resampling.BICUBIC),
+            id="crop-bicubic-tall-source",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": [30, 10], "resize": "stretch", "resample": "bicubic"}, 3,
+            lambda im: im.convert("RGB").resize((10, 30), Image.Resampling.BICUBIC),
+            id="stretch-bicubic",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": [50, 60], "resize": "stretch", "resample": "nearest"}, 3,
+            lambda im: im.convert("RGB").resize((60, 50), Image.Resampling.NEAREST),
+            id="stretch-nearest-upscale",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": [32, 32], "resize": "pad", "pad_value": [10, 20, 30]}, 3,
+            lambda im: ImageOps.pad(
+                im.convert("RGB"), (32, 32), method=BILINEAR, color=(10, 20, 30)
+            ),
+            id="pad-bilinear-rgb-colour",
+        ),
+        pytest.param(
+            TALL_PNG,
+            {"image_size": [20, 40], "resize": "pad", "pad_value": [200, 5, 90],
+             "resample": "hamming"},
+            3,
+            lambda im: ImageOps.pad(
+                im.convert("RGB"), (40, 20), method=Image.Resampling.HAMMING, color=(200, 5, 90)
+            ),
+            id="pad-hamming-tall-into-wide",
+        ),
+        pytest.param(
+            GRAY_PNG,
+            {"image_size": [30, 30], "resize": "pad", "pad_value": 200, "color": "gray",
+             "resample": "box"},
+            1,
+            lambda im: ImageOps.pad(
+                im.convert("L"), (30, 30), method=Image.Resampling.BOX, color=200
+            ),
+            id="pad-box-gray",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": None}, 3, lambda im: im.convert("RGB"),
+            id="size-none-keeps-native",
+        ),
+        pytest.param(
+            RGB_PNG, {"image_size": [23, 37]}, 3, lambda im: im.convert("RGB"),
+            id="size-equal-to-native-is-identity",
+        ),
+    ],
+)
+def test_resize_policy_matches_pillow(
+    data: bytes, params: dict[str, Any], channels: int, oracle: Oracle
+) -> None:
+    decoded = decode_image(data, ingest(**params), channels=channels)
+    expected = as_hwc(oracle(pillow_open(data)))
+    assert_pixels(decoded, expected)
+    if params["image_size"] is not None:
+        assert decoded.pixels.shape[:2] == tuple(params["image_size"])
+    # width/height record the source, not the output.
+    assert (decoded.width, decoded.height) == pillow_open(data).size
+
+
+def test_pad_rgb_border_is_pad_value_and_content_is_centred() -> None:
+    """Independent of ImageOps.pad: a 37x23 image padded to 37x37 gets 7 rows top and bottom."""
+    decoded = decode_image(
+        RGB_PNG, ingest(image_size=[37, 37], resize="pad", pad_value=[1, 2, 3]), channels=3
+    )
+    px = decoded.pixels
+    assert (px[:7] == [1, 2, 3]).all()
+    assert (px[30:] == [1, 2, 3]).all()
+    np.testing.assert_array_equal(px[7:30], as_hwc(RGB_SRC))
+
+
+# --- formats ---------------------------------------------------------------------------------
+
+
+def _animated_gif() -> bytes:
+    frames = [gradient_rgb(20, 14, seed=s).quantize(64) for s in range(3)]
+    frames[1].paste(7, (0, 0, 20, 14))  # make later frames clearly different from the first
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0)
+
+
+FORMAT_CASES = [
+    pytest.param("JPEG", encode(RGB_SRC, "JPEG", quality=90), 1, id="jpeg"),
+    pytest.param("PNG", RGB_PNG, 1, id="png"),
+    pytest.param("TIFF", encode(RGB_SRC, "TIFF"), 1, id="tiff-raw"),
+    pytest.param("TIFF", encode(RGB_SRC, "TIFF", compression="tiff_lzw"), 1, id="tiff-lzw"),
+    pytest.param(
+        "WEBP", encode(RGB_SRC, "WEBP", quality=80) if HAS_WEBP else b"", 1,
+        id="webp-lossy", marks=needs_webp,
+    ),
+    pytest.param(
+        "WEBP", encode(RGB_SRC, "WEBP", lossless=True) if HAS_WEBP else b"", 1,
+        id="webp-lossless", marks=needs_webp,
+    ),
+    pytest.param("BMP", encode(RGB_SRC, "BMP"), 1, id="bmp"),
+    pytest.param("GIF", encode(RGB_SRC.quantize(32), "GIF"), 1, id="gif-single"),
+    pytest.param("GIF", _animated_gif(), 3, id="gif-animated-first-frame"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "data", "frames"), FORMAT_CASES)
+def test_format_decodes_like_pillow(fmt: str, data: bytes, frames: int) -> None:
+    decoded = decode_image(data, ingest(), channels=3, name=f"x.{fmt.lower()}")
+    oracle = pillow_open(data)  # a fresh open is positioned on the first frame
+    assert_pixels(decoded, as_hwc(oracle.convert("RGB")))
+    assert decoded.format == fmt == oracle.format
+    assert decoded.mode == oracle.mode
+    assert (decoded.width, decoded.height) == oracle.size
+    assert decoded.frames == frames == getattr(oracle, "n_frames", 1)
+    assert decoded.orientation == 1
+    assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_animated_gif_first_frame_differs_from_later_frames() -> None:
+    """Guards the GIF case above: taking any other frame would fail it."""
+    data = _animated_gif()
+    im = Image.open(io.BytesIO(data))
+    first = as_hwc(im.convert("RGB"))
+    im.seek(1)
+    assert not np.array_equal(first, as_hwc(im.convert("RGB")))
+    np.testing.assert_array_equal(decode_image(data, ingest(), channels=3).pixels, first)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kwargs"),
+    [
+        pytest.param("PNG", {}, id="png"),
+        pytest.param("TIFF", {}, id="tiff"),
+        pytest.param("BMP", {}, id="bmp"),
+        pytest.param("WEBP", {"lossless": True}, id="webp-lossless", marks=needs_webp),
+    ],
+)
+def test_lossless_formats_give_back_the_source_pixels(fmt: str, kwargs: dict[str, Any]) -> None:
+    decoded = decode_image(encode(RGB_SRC, fmt, **kwargs), ingest(), channels=3)
+    assert_pixels(decoded, as_hwc(RGB_SRC))
+
+
+# --- colour modes ----------------------------------------------------------------------------
+
+BG = (10, 200, 30)
+
+
+def _rgba() -> Image.Image:
+    im = gradient_rgb(17, 13, seed=3).convert("RGBA")
+    im.putalpha(alpha_ramp(17, 13))
+    return im
+
+
+def _la() -> Image.Image:
+    alpha = alpha_ramp(17, 13).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return Image.merge("LA", [gray(17, 13, seed=4), alpha])
+
+
+def _palette(transparency: int | bytes) -> bytes:
+    im = gradient_rgb(17, 13, seed=5).quantize(8)
+    return encode(im, "PNG", transparency=transparency)
+
+
+def _one_bit() -> Image.Image:
+    rng = np.random.default_rng(6)
+    return Image.fromarray(rng.integers(0, 2, (13, 17)).astype(bool))
+
+
+def _cmyk_jpeg() -> bytes:
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (13, 17, 4), dtype=np.uint8)
+    return encode(Image.frombytes("CMYK", (17, 13), a.tobytes()), "JPEG", quality=95)
+
+
+RGBA_PNG = encode(_rgba(), "PNG")
+LA_PNG = encode(_la(), "PNG")
+P_INDEX_PNG = _palette(2)
+P_ALPHA_PNG = _palette(bytes([255, 0, 128, 64, 255, 10, 200, 255]))
+ONE_BIT_PNG = encode(_one_bit(), "PNG")
+CMYK_JPEG = _cmyk_jpeg()
+
+
+def _rgb_with_colour_key() -> bytes:
+    im = gradient_rgb(17, 13, seed=8)
+    im.paste((1, 2, 3), (0, 0, 8, 6))
+    return encode(im, "PNG", transparency=(1, 2, 3))
+
+
+MODE_CASES = [
+    pytest.param(RGB_PNG, "RGB", {}, 3, lambda im: im.convert("RGB"), id="rgb-to-rgb"),
+    pytest.param(GRAY_PNG, "L", {}, 3, lambda im: im.convert("RGB"), id="L-to-rgb"),
+    pytest.param(
+        GRAY_PNG, "L", {"color": "gray"}, 1, lambda im: im, id="L-to-gray",
+    ),
+    pytest.param(
+        RGB_PNG, "RGB", {"color": "gray"}, 1, lambda im: im.convert("L"), id="rgb-to-gray",
+    ),
+    pytest.param(
+        RGBA_PNG, "RGBA", {"alpha": "drop"}, 3, lambda im: im.convert("RGB"),
+        id="rgba-drop",
+    ),
+    pytest.param(
+        RGBA_PNG, "RGBA", {"alpha": "composite", "background": list(BG)}, 3,
+        lambda im: composite(im, BG).convert("RGB"), id="rgba-composite",
+    ),
+    pytest.param(
+        RGBA_PNG, "RGBA", {}, 3, lambda im: composite(im, (255, 255, 255)).convert("RGB"),
+        id="rgba-composite-default-white",
+    ),
+    pytest.param(
+        RGBA_PNG, "RGBA", {"color": "gray", "background": list(BG)}, 1,
+        lambda im: composite(im, BG).convert("L"), id="rgba-composite-to-gray",
+    ),
+    pytest.param(
+        LA_PNG, "LA", {"background": list(BG)}, 3,
+        lambda im: composite(im, BG).convert("RGB"), id="LA-composite",
+    ),
+    pytest.param(
+        LA_PNG, "LA", {"alpha": "drop"}, 3, lambda im: im.convert("RGB"), id="LA-drop",
+    ),
+    pytest.param(
+        LA_PNG, "LA", {"alpha": "drop", "color": "gray"}, 1, lambda im: im.convert("L"),
+        id="LA-drop-to-gray",
+    ),
+    pytest.param(
+        P_INDEX_PNG, "P", {"background": list(BG)}, 3,
+        lambda im: composite(im, BG).convert("RGB"), id="P-transparent-index-composite",
+    ),
+    pytest.param(
+        P_ALPHA_PNG, "P", {"background": list(BG)}, 3,
+        lambda im: composite(im, BG).convert("RGB"), id="P-alpha-table-composite",
+    ),
+    pytest.param(
+        P_ALPHA_PNG, "P", {"alpha": "drop"}, 3,
+        lambda im: im.convert("RGBA").convert("RGB"), id="P-alpha-table-drop",
+    ),
+    pytest.param(
+        P_INDEX_PNG, "P", {"color": "gray", "background": list(BG)}, 1,
+        lambda im: composite(im, BG).convert("L"), id="P-transparent-to-gray",
+    ),
+    pytest.param(
+        encode(RGB_SRC.quantize(16), "PNG"), "P", {}, 3, lambda im: im.convert("RGB"),
+        id="P-opaque-to-rgb",
+    ),
+    pytest.param(ONE_BIT_PNG, "1", {}, 3, lambda im: im.convert("RGB"), id="1bit-to-rgb"),
+    pytest.param(
+        ONE_BIT_PNG, "1", {"color": "gray"}, 1, lambda im: im.convert("L"), id="1bit-to-gray",
+    ),
+    pytest.param(CMYK_JPEG, "CMYK", {}, 3, lambda im: im.convert("RGB"), id="cmyk-jpeg-to-rgb"),
+    pytest.param(
+        CMYK_JPEG, "CMYK", {"color": "gray"}, 1, lambda im: im.convert("RGB").convert("L"),
+        id="cmyk-jpeg-to-gray",
+    ),
+    pytest.param(
+        GRAY_PNG, "L", {"color": "keep"}, 1, lambda im: im, id="keep-L-stays-one-channel",
+    ),
+    pytest.param(
+        RGB_PNG, "RGB", {"color": "keep"}, 3, lambda im: im.convert("RGB"),
+        id="keep-rgb-stays-three-channels",
+    ),
+    pytest.param(
+        _rgb_with_colour_key(), "RGB", {"background": list(BG)}, 3,
+        lambda im: composite(im, BG).convert("RGB"),
+        id="rgb-png-trns-colour-key-composite",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "mode", "params", "channels", "oracle"), MODE_CASES)
+def test_mode_conversion_matches_pillow(
+    data: bytes, mode: str, params: dict[str, Any], channels: int, oracle: Oracle
+) -> None:
+    source = pillow_open(data)
+    assert source.mode == mode  # the fixture really is in the mode the case is about
+    decoded = decode_image(data, ingest(**params), channels=channels)
+    assert decoded.mode == mode
+    assert_pixels(decoded, as_hwc(oracle(source)))
+    assert decoded.pixels.shape[2] == channels
+
+
+def test_gray_to_rgb_has_three_equal_channels() -> None:
+    px = decode_image(GRAY_PNG, ingest(), channels=3).pixels
+    np.testing.assert_array_equal(px[..., 0], px[..., 1])
+    np.testing.assert_array_equal(px[..., 0], px[..., 2])
+    np.testing.assert_array_equal(px[..., 0], np.asarray(pillow_open(GRAY_PNG)))
+
+
+def test_alpha_cases_are_not_trivial() -> None:
+    """The composite and drop oracles differ, so the alpha policy really is exercised."""
+    for data in (RGBA_PNG, LA_PNG, P_INDEX_PNG, P_ALPHA_PNG):
+        drop = decode_image(data, ingest(alpha="drop"), channels=3).pixels
+        comp = decode_image(data, ingest(background=list(BG)), channels=3).pixels
+        assert not np.array_equal(drop, comp)
+
+
+@pytest.mark.parametrize(
+    ("color", "mode", "channels"),
+    [
+        pytest.param("rgb", "L", 3, id="rgb-L"),
+        pytest.param("gray", "RGB", 1, id="gray-RGB"),
+        pytest.param("keep", "L", 1, id="keep-L"),
+        pytest.param("keep", "LA", 1, id="keep-LA"),
+        pytest.param("keep", "1", 1, id="keep-1"),
+        pytest.param("keep", "I;16", 1, id="keep-I16"),
+        pytest.param("keep", "RGB", 3, id="keep-RGB"),
+        pytest.param("keep", "RGBA", 3, id="keep-RGBA"),
+        pytest.param("keep", "P", 3, id="keep-P"),
+        pytest.param("keep", "CMYK", 3, id="keep-CMYK"),
+    ],
+)
+def test_output_channels(color: str, mode: str, channels: int) -> None:
+    assert output_channels(color, mode) == channels
+
+
+# --- bit depth -------------------------------------------------------------------------------
+
+# Values spread over the whole 16-bit range, including both ends and the 8-bit rounding edges.
+_SPECIAL = [0, 1, 128, 129, 256, 257, 32767, 32768, 65278, 65279, 65534, 65535]
+_VALUES16 = np.array(
+    _SPECIAL + [int(v) for v in np.linspace(0, 65535, 19 * 13 - len(_SPECIAL))], dtype=np.uint16
+).reshape(13, 19)
+SIXTEEN_PNG = encode(Image.fromarray(_VALUES16), "PNG")
+
+
+def _to8(x: int) -> int:
+    return round(Fraction(x * 255, 65535))
+
+
+@pytest.mark.parametrize(
+    ("params", "channels", "dtype", "convert"),
+    [
+        pytest.param({"bit_depth": 16, "color": "gray"}, 1, np.uint16, int, id="16-to-16-gray"),
+        pytest.param({"bit_depth": 16}, 3, np.uint16, int, id="16-to-16-rgb"),
+        pytest.param({"bit_depth": 16, "color": "keep"}, 1, np.uint16, int, id="16-to-16-keep"),
+        pytest.param({"bit_depth": 8, "color": "gray"}, 1, np.uint8, _to8, id="16-to-8-gray"),
+        pytest.param({"bit_depth": 8}, 3, np.uint8, _to8, id="16-to-8-rgb"),
+    ],
+)
+def test_sixteen_bit_gray_png(
+    params: dict[str, Any], channels: int, dtype: type, convert: Callable[[int], int]
+) -> None:
+    source = pillow_open(SIXTEEN_PNG)
+    assert source.mode == "I;16"
+    stored = [[int(v) for v in row] for row in np.asarray(source)]
+    assert stored == _VALUES16.tolist()  # Pillow round-trips the 16-bit values
+    decoded = decode_image(SIXTEEN_PNG, ingest(**params), channels=channels)
+    assert decoded.mode == "I;16"
+    expected = np.array([[[convert(v)] * channels for v in row] for row in stored], dtype=dtype)
+    assert_pixels(decoded, expected)
+
+
+def test_sixteen_to_eight_bit_covers_every_output_level() -> None:
+    """Every 16-bit value at once: round(x * 255 / 65535), exactly, for x in 0..65535."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    data = encode(Image.fromarray(values), "PNG", compress_level=1)
+    decoded = decode_image(data, ingest(color="gray", bit_depth=8), channels=1)
+    table = np.array([_to8(x) for x in range(65536)], dtype=np.uint8)
+    np.testing.assert_array_equal(decoded.pixels[..., 0], table[values])
+
+
+@pytest.mark.parametrize(
+    ("data", "params", "channels", "oracle"),
+    [
+        pytest.param(GRAY_PNG, {"color": "gray"}, 1, lambda im: im, id="L-gray"),
+        pytest.param(GRAY_PNG, {}, 3, lambda im: im.convert("RGB"), id="L-rgb"),
+        pytest.param(RGB_PNG, {}, 3, lambda im: im.convert("RGB"), id="RGB-rgb"),
+        pytest.param(
+            RGBA_PNG, {"background": list(BG)}, 3,
+            lambda im: composite(im, BG).convert("RGB"), id="RGBA-composite",
+        ),
+    ],
+)
+def test_eight_bit_source_with_bit_depth_16_is_times_257(
+    data: bytes, params: dict[str, Any], channels: int, oracle: Oracle
+) -> None:
+    decoded = decode_image(data, ingest(bit_depth=16, **params), channels=channels)
+    eight = as_hwc(oracle(pillow_open(data)))
+    expected = np.array(
+        [[[int(v) * 257 for v in px] for px in row] for row in eight], dtype=np.uint16
+    )
+    assert_pixels(decoded, expected)
+    assert decoded.pixels.max() <= 65535
+
+
+@pytest.mark.parametrize(
+    ("params", "expected_of"),
+    [
+        pytest.param(
+            {"image_size": [26, 38], "resize": "stretch", "resample": "nearest",
+             "bit_depth": 16, "color": "gray"},
+            lambda a: a[np.arange(26) * 13 // 26][:, np.arange(38) * 19 // 38],
+            id="stretch-nearest-2x-exact",
+        ),
+        pytest.param(
+            {"image_size": [19, 19], "resize": "pad", "pad_value": 3, "resample": "nearest",
+             "bit_depth": 16, "color": "gray"},
+            lambda a: np.pad(a, ((3, 3), (0, 0)), constant_values=3 * 257),
+            id="pad-16-bit-pad-value-scaled",
+        ),
+    ],
+)
+def test_sixteen_bit_resize_keeps_exact_values(
+    params: dict[str, Any], expected_of: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    decoded = decode_image(SIXTEEN_PNG, ingest(**params), channels=1)
+    expected = expected_of(_VALUES16.astype(np.uint16))
+    assert_pixels(decoded, expected[..., None].astype(np.uint16))
+
+
+# --- EXIF orientation ------------------------------------------------------------------------
+
+
+def _oriented_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(gradient_rgb(40, 24, seed=9), "JPEG", quality=95, exif=exif)
+
+
+ALL_ORIENTATIONS = [pytest.param(o, id=f"orientation-{o}") for o in range(1, 9)]
+
+
+@pytest.mark.parametrize("orientation", ALL_ORIENTATIONS)
+def test_exif_orientation_matches_exif_transpose(orientation: int) -> None:
+    data = _oriented_jpeg(orientation)
+    decoded = decode_image(data, ingest(), channels=3)
+    upright = ImageOps.exif_transpose(pillow_open(data)).convert("RGB")
+    assert_pixels(decoded, as_hwc(upright))
+    assert decoded.orientation == orientation
+    assert (decoded.width, decoded.height) == (40, 24)  # stored size, not the upright one
+    rotated = orientation in (5, 6, 7, 8)
+    assert decoded.pixels.shape[:2] == ((40, 24) if rotated else (24, 40))
+
+
+@pytest.mark.parametrize("orientation", [pytest.param(o, id=f"orientation-{o}") for o in (3, 6, 8)])
+def test_exif_orientation_is_applied_before_resize(orientation: int) -> None:
+    data = _oriented_jpeg(orientation)
+    decoded = decode_image(data, ingest(image_size=[12, 20]), channels=3)
+    upright = ImageOps.exif_transpose(pillow_open(data)).convert("RGB")
+    assert_pixels(decoded, as_hwc(ImageOps.fit(upright, (20, 12), method=BILINEAR)))
+
+
+def test_exif_orientation_changes_pixels() -> None:
+    """Guards the orientation table: 3, 6 and 8 really differ from the stored pixels."""
+    plain = decode_image(_oriented_jpeg(1), ingest(), channels=3).pixels
+    for o in (3, 6, 8):
+        assert not np.array_equal(decode_image(_oriented_jpeg(o), ingest(), channels=3).pixels,
+                                  plain)
+
+
+# --- unusable files --------------------------------------------------------------------------
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (a cheap decompression bomb)."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8  # after the signature: length(4) type(4) data(13) crc(4)
+    body = data[ihdr + 4 : ihdr + 8 + 13]
+    body[4:8] = width.to_bytes(4, "big")
+    body[8:12] = height.to_bytes(4, "big")
+    data[ihdr + 4 : ihdr + 8 + 13] = body
+    data[ihdr + 8 + 13 : ihdr + 12 + 13] = zlib.crc32(bytes(body)).to_bytes(4, "big")
+    return bytes(data)
+
+
+_JPEG = encode(gradient_rgb(64, 48), "JPEG", quality=90)
+_PNG = encode(gradient_rgb(64, 48), "PNG")
+
+
+@pytest.mark.parametrize(
+    ("data", "params", "reason"),
+    [
+        pytest.param(b"", {}, r"empty file \(0 bytes\)", id="zero-bytes"),
+        pytest.param(_JPEG[: len(_JPEG) // 2], {}, r"truncated", id="truncated-jpeg"),
+        pytest.param(_PNG[: len(_PNG) // 2], {}, r"truncated", id="truncated-png"),
+        pytest.param(_PNG[:40], {}, r"cannot decode|truncated|not an image", id="png-header-only"),
+        pytest.param(b"just some notes\nnot an image\n", {}, r"not an image", id="text-file"),
+        pytest.param(
+            b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
+            b"<body><h1>Not Found</h1></body></html>\n",
+            {}, r"not an image", id="html-saved-as-png",
+        ),
+        pytest.param(
+            encode(gradient_rgb(20, 20), "PNG"), {"max_pixels": 399},
+            r"decompression bomb: 20x20 = 400 pixels .*ingest\.max_pixels \(399\)",
+            id="bomb-over-max-pixels",
+        ),
+        pytest.param(
+            _png_with_size(10_000, 10_000), {},
+            r"decompression bomb.*ingest\.max_pixels", id="bomb-header-default-limit",
+        ),
+        pytest.param(
+            _png_with_size(100_000, 100_000), {}, r"decompression bomb",
+            id="bomb-header-beyond-pillow-limit",
+        ),
+    ],
+)
+def test_unusable_file_raises_decode_error(
+    data: bytes, params: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data, ingest(**params), channels=3, name="bad.png")
+
+
+def test_decode_error_is_a_value_error() -> None:
+    assert issubclass(DecodeError, ValueError)
+
+
+def test_max_pixels_is_inclusive() -> None:
+    data = encode(gradient_rgb(20, 20), "PNG")
+    decoded = decode_image(data, ingest(max_pixels=400), channels=3)
+    assert decoded.pixels.shape == (20, 20, 3)
+
+
+# --- list_images -----------------------------------------------------------------------------
+
+
+def _touch(root: Path, *relpaths: str) -> None:
+    for rel in relpaths:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+IMAGES = [
+    "a.jpg", "b.png", "C.JPG", "d.JpEg", "e.TIFF", "f.tif", "g.webp", "h.BMP", "i.gif",
+    "cats/001.png", "cats/deep/er/002.jpeg", "dogs/003.PNG", "dogs/z.jpg", "dogs/10.jpg",
+]
+IGNORED = [
+    ".hidden.png", "._a.jpg", ".DS_Store", "Thumbs.db", "desktop.ini", "cats/.DS_Store",
+    ".hiddendir/x.png", "__MACOSX/a.jpg", "__MACOSX/cats/._001.png", "cats/Thumbs.db",
+    "notes.txt", "labels.json", "b.png.bak", "README", "cats/001.png.txt", "archive.zip",
+    "image.jpg.part", "svg.svg", "heic.HEIC",
+]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    _touch(root, *IMAGES, *IGNORED)
+    return root
+
+
+def test_list_images_finds_images_sorted_and_ignores_junk(tree: Path) -> None:
+    found, broken = list_images(tree)
+    assert found == sorted(IMAGES)
+    assert broken == []
+
+
+def test_list_images_is_sorted_regardless_of_creation_order(tmp_path: Path) -> None:
+    names = [f"d{i % 3}/img{i:03d}.png" for i in (7, 3, 11, 0, 5, 2, 9)]
+    _touch(tmp_path, *names)
+    found, _ = list_images(tmp_path)
+    assert found == sorted(names)
+
+
+@pytest.mark.parametrize(
+    ("link", "target"),
+    [
+        pytest.param("cats/loop", "..", id="subdir-link-to-its-parent"),
+        pytest.param("loop", ".", id="root-link-to-itself"),
+        pytest.param("cats/deep/er/up", "../..", id="deep-link-to-grandparent"),
+        pytest.param("cats/deep/up", "../../dogs", id="link-to-sibling-tree"),
+    ],
+)
+def test_list_images_symlink_loop_terminates(tree: Path, link: str, target: str) -> None:
+    (tree / link).symlink_to(target, target_is_directory=True)
+    found, broken = list_images(tree)
+    assert broken == []
+    # Every real folder is listed once; a symlinked folder seen before is not listed again.
+    assert len(found) == len(set(found))
+    real = {os.path.realpath(tree / f) for f in found}
+    assert real == {os.path.realpath(tree / f) for f in IMAGES}
+
+
+def test_list_images_follows_symlinked_folder_outside_root(tmp_path: Path) -> None:
+    _touch(tmp_path / "elsewhere", "x.png")
+    root = tmp_path / "src"
+    _touch(root, "a.png")
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert list_images(root) == (["a.png", "linked/x.png"], [])
+
+
+def test_list_images_reports_broken_symlink(tree: Path) -> None:
+    (tree / "cats" / "gone.jpg").symlink_to(tree / "cats" / "missing.jpg")
+    (tree / "gone.txt").symlink_to(tree / "missing.txt")  # not an image name: ignored
+    (tree / "ok.png").symlink_to(tree / "b.png")  # a working file symlink is an image
+    found, broken = list_images(tree)
+    assert found == sorted([*IMAGES, "ok.png"])
+    assert [rel for rel, _ in broken] == ["cats/gone.jpg"]
+    assert "broken symlink" in broken[0][1]
+
+
+def test_list_images_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        list_images(tmp_path / "nope")
+
+
+def test_list_images_empty_root(tmp_path: Path) -> None:
+    assert list_images(tmp_path) == ([], [])
+
+
+# --- split_of --------------------------------------------------------------------------------
+
+PATHS = [f"class{i % 7}/img_{i:05d}.jpg" for i in range(10_000)]
+
+
+@pytest.mark.parametrize(
+    ("val", "test"),
+    [
+        pytest.param(0.1, 0.1, id="default"),
+        pytest.param(0.2, 0.05, id="uneven"),
+        pytest.param(0.0, 0.3, id="no-val"),
+        pytest.param(0.25, 0.0, id="no-test"),
+        pytest.param(0.0, 0.0, id="all-train"),
+        pytest.param(0.45, 0.45, id="mostly-held-out"),
+    ],
+)
+def test_split_proportions(val: float, test: float) -> None:
+    counts = Counter(split_of(p, val=val, test=test) for p in PATHS)
+    n = len(PATHS)
+    assert set(counts) <= {"train", "val", "test"}
+    assert counts["val"] / n == pytest.approx(val, abs=0.02)
+    assert counts["test"] / n == pytest.approx(test, abs=0.02)
+    assert counts["train"] / n == pytest.approx(1 - val - test, abs=0.02)
+    if val == 0:
+        assert counts["val"] == 0
+    if test == 0:
+        assert counts["test"] == 0
+
+
+def test_split_is_deterministic_within_a_process() -> None:
+    first = [split_of(p, val=0.1, test=0.1) for p in PATHS[:2000]]
+    second = [split_of(p, val=0.1, test=0.1) for p in reversed(PATHS[:2000])]
+    assert first == second[::-1]
+
+
+def test_split_is_deterministic_across_processes() -> None:
+    """Not Python's salted hash(): other interpreters with other hash seeds agree."""
+    paths = PATHS[:300]
+    script = (
+        "import json, sys\n"
+        "from pipeline.images import split_of\n"
+        "paths = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([split_of(p, val=0.2, test=0.1) for p in paths]))\n"
+    )
+    here = [split_of(p, val=0.2, test=0.1) for p in paths]
+    seed = "1" if os.environ.get("PYTHONHASHSEED") == "2" else "2"
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    out = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(paths), capture_output=True,
+        text=True, check=True, env=env, timeout=30,
+    )
+    assert json.loads(out.stdout) == here
+
+
+def test_adding_paths_never_moves_existing_ones() -> None:
+    old = PATHS[:5000]
+    before = {p: split_of(p, val=0.1, test=0.1) for p in old}
+    more = [*PATHS[5000:], "new/a.png", "class0/img_00000 copy.jpg", "ünïcode/ß.jpg"]
+    after = {p: split_of(p, val=0.1, test=0.1) for p in sorted(old + more)}
+    assert {p: after[p] for p in old} == before
+
+
+def test_split_depends_on_the_relative_path_only() -> None:
+    splits = {split_of(f"x/{i}.png", val=0.3, test=0.3) for i in range(200)}
+    assert splits == {"train", "val", "test"}
+
+
+def test_growing_val_only_moves_train_to_val() -> None:
+    """val is carved after test: raising val never moves a test item, nor a val item out."""
+    small = {p: split_of(p, val=0.1, test=0.1) for p in PATHS[:3000]}
+    large = {p: split_of(p, val=0.2, test=0.1) for p in PATHS[:3000]}
+    for p, s in small.items():
+        if s in ("test", "val"):
+            assert large[p] == s
