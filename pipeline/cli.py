@@ -115,6 +115,24 @@ def stats(
     )
 
 
+@app.command()
+@_reports_errors
+def normalize(
+    prepared: Annotated[Path, typer.Argument(help="Prepared folder written by `pipeline ingest`.")],
+    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the normalized images.zarr.")],
+    params: ParamsOption = None,
+) -> None:
+    """Apply the fitted statistics to every split of PREPARED: OUT/images.zarr with lineage."""
+    from pipeline.normalize import run_normalize
+
+    lineage = run_normalize(prepared, stats_dir, out, _params(params), progress=True)
+    typer.echo(
+        f"normalize: mode {lineage['mode']}, {lineage['dtype']}, stats "
+        f"{lineage['stats']['sha256'][:12]} -> {out}/images.zarr"
+    )
+
+
 def main() -> None:
     """Entry point for the console script."""
     app(prog_name="pipeline")

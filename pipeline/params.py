@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_PARAMS_FILE",
     "BaseParams",
     "IngestParams",
+    "NormalizeParams",
     "Params",
     "SampleParams",
     "SplitParams",
@@ -325,6 +326,54 @@ class StatsParams:
         )
 
 
+NORMALIZE_MODES = (
+    "per_channel",
+    "per_pixel",
+    "global",
+    "per_image",
+    "per_image_per_channel",
+    "mean_only",
+    "min_max",
+)
+DTYPES = ("float32", "float16")
+INPUT_SCALES = ("pixel", "unit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormalizeParams:
+    """Section ``normalize``: how the fitted statistics are applied."""
+
+    mode: str = "per_channel"
+    eps: float = 1e-6
+    dtype: str = "float32"
+    input_scale: str = "pixel"
+    codec: str = "none"
+    codec_level: int = 1
+    record_git_revision: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> NormalizeParams:
+        _check_keys("normalize", raw, cls)
+        d = cls()
+        eps = raw.get("eps", d.eps)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+            raise _fail("normalize.eps", "a number >= 0", eps)
+        record = raw.get("record_git_revision", d.record_git_revision)
+        if not isinstance(record, bool):
+            raise _fail("normalize.record_git_revision", "true or false", record)
+        return cls(
+            mode=parse_choice(raw.get("mode", d.mode), "normalize.mode", NORMALIZE_MODES),
+            eps=float(eps),
+            dtype=parse_choice(raw.get("dtype", d.dtype), "normalize.dtype", DTYPES),
+            input_scale=parse_choice(
+                raw.get("input_scale", d.input_scale), "normalize.input_scale", INPUT_SCALES
+            ),
+            codec=parse_choice(raw.get("codec", d.codec), "normalize.codec", CODECS),
+            codec_level=parse_int(raw.get("codec_level", d.codec_level), "normalize.codec_level"),
+            record_git_revision=record,
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Params:
     """All sections of params.yaml."""
@@ -333,6 +382,7 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     ingest: IngestParams = field(default_factory=IngestParams)
     stats: StatsParams = field(default_factory=StatsParams)
+    normalize: NormalizeParams = field(default_factory=NormalizeParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, tuples as lists."""
@@ -352,6 +402,7 @@ SECTIONS = {
     "sample": SampleParams,
     "ingest": IngestParams,
     "stats": StatsParams,
+    "normalize": NormalizeParams,
 }
 
 
@@ -372,6 +423,7 @@ def parse_params(raw: object, *, origin: str = "params") -> Params:
         sample=SampleParams.from_dict(_section(raw, "sample")),
         ingest=IngestParams.from_dict(_section(raw, "ingest")),
         stats=StatsParams.from_dict(_section(raw, "stats")),
+        normalize=NormalizeParams.from_dict(_section(raw, "normalize")),
     )
 
 

@@ -108,6 +108,7 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
             "percentiles": {f"p{q:g}": v for q, v in ch.percentiles.items()},
             "mean_of_image_stds": ch.mean_of_image_stds,
         }
+    global_std = fit.global_std or (1.0 if sp.zero_std == "one" else sp.eps)
     return {
         "schema": STATS_SCHEMA,
         "fit_split": sp.fit_split,
@@ -123,9 +124,10 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
         "channels": channels,
         "global": {
             "mean": fit.global_mean,
-            "std": fit.global_std,
+            "std": global_std,
+            "raw_std": fit.global_std,
             "mean_01": fit.global_mean / pm,
-            "std_01": fit.global_std / pm,
+            "std_01": global_std / pm,
         },
         "params": {
             "stats": {

@@ -14,7 +14,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.stats import FitResult, Moments
-from pipeline.store import dumps_json, sha256_file
+from pipeline.store import dumps_json, read_array, sha256_file
 
 __all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256", "write_stats"]
 
@@ -132,13 +132,6 @@ class Stats:
         }
 
 
-def _read(group: zarr.Group, name: str) -> np.ndarray:
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreError(f"{group.store_path}/{name} is not an array.")
-    return np.asarray(node[...])
-
-
 def load_stats(path: str | os.PathLike[str]) -> Stats:
     """Load the stats folder (or its stats.json), checking that its array file matches.
 
@@ -184,8 +177,8 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         mean=np.array([per[c]["mean"] for c in names], dtype=np.float64),
         std=np.array([per[c]["std"] for c in names], dtype=np.float64),
         pixel_max=int(doc["pixel_max"]),
-        mean_image=np.asarray(_read(group, "mean_image")),
-        std_image=np.asarray(_read(group, "std_image")),
+        mean_image=np.asarray(read_array(group, "mean_image")),
+        std_image=np.asarray(read_array(group, "std_image")),
         count=int(doc["count"]["images"]),
         fit_split=str(doc["fit_split"]),
         fingerprint=str(doc["fingerprint"]),
@@ -194,7 +187,7 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         global_std=float(doc["global"]["std"]),
         minimum=np.array([per[c]["min"] for c in names]),
         maximum=np.array([per[c]["max"] for c in names]),
-        histogram=np.asarray(_read(group, "histogram")),
+        histogram=np.asarray(read_array(group, "histogram")),
         sha256=hashlib.sha256(raw).hexdigest(),
         path=json_path.parent,
         doc=doc,

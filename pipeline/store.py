@@ -28,6 +28,7 @@ __all__ = [
     "create_images_array",
     "dumps_json",
     "open_prepared",
+    "read_array",
     "sha256_file",
     "write_json",
 ]
@@ -122,6 +123,17 @@ def create_images_array(
         dimension_names=IMAGE_DIMS,
         config=WRITE_CONFIG,
     )
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """The whole array ``name`` of ``group`` as numpy, or StoreError when it is missing."""
+    try:
+        node = group[name]
+    except KeyError as exc:
+        raise StoreError(f"{group.store_path}/{name} is missing.") from exc
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store_path}/{name} is not an array.")
+    return np.asarray(node[...])
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pipeline.params import (
     IngestParams,
     Params,
     SampleParams,
+    NormalizeParams,
     SplitParams,
     StatsParams,
     load_params,
@@ -28,6 +29,7 @@ SECTION_CLASSES: dict[str, type] = {
     "sample": SampleParams,
     "ingest": IngestParams,
     "stats": StatsParams,
+    "normalize": NormalizeParams,
 }
 
 # The allowed values of each choice, written out here rather than imported from the module.
@@ -139,6 +141,14 @@ ROUND_TRIPS = [
     ("stats", {"percentiles": [99, 1, 50, 50]}, {"percentiles": (1.0, 50.0, 99.0)}),
     ("stats", {"block_images": 32}, {"block_images": 32}),
     ("stats", {"split_every": 4}, {"split_every": 4}),
+    ("normalize", {"mode": "per_pixel"}, {"mode": "per_pixel"}),
+    ("normalize", {"mode": "per_image_per_channel"}, {"mode": "per_image_per_channel"}),
+    ("normalize", {"eps": 0}, {"eps": 0.0}),
+    ("normalize", {"dtype": "float16"}, {"dtype": "float16"}),
+    ("normalize", {"input_scale": "unit"}, {"input_scale": "unit"}),
+    ("normalize", {"codec": "lz4"}, {"codec": "lz4"}),
+    ("normalize", {"codec_level": 3}, {"codec_level": 3}),
+    ("normalize", {"record_git_revision": True}, {"record_git_revision": True}),
 ]
 
 
@@ -284,6 +294,13 @@ BAD_VALUES: list[Any] = [
     ("stats", {"percentiles": [NAN]}, "stats.percentiles", None),
     ("stats", {"block_images": 0}, "stats.block_images", None),
     ("stats", {"split_every": 1}, "stats.split_every", None),
+    ("normalize", {"mode": "zscore"}, "normalize.mode", ("per_channel", "per_pixel", "min_max")),
+    ("normalize", {"eps": -1}, "normalize.eps", None),
+    ("normalize", {"eps": NAN}, "normalize.eps", None),
+    ("normalize", {"dtype": "float64"}, "normalize.dtype", ("float32", "float16")),
+    ("normalize", {"input_scale": "01"}, "normalize.input_scale", ("pixel", "unit")),
+    ("normalize", {"codec": "gzip"}, "normalize.codec", ("none", "zstd", "lz4")),
+    ("normalize", {"record_git_revision": "yes"}, "normalize.record_git_revision", None),
 ]
 
 

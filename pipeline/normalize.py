@@ -1,0 +1,226 @@
+"""Normalize stage: prepared store + fitted stats -> float store with lineage attributes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+
+from pipeline.errors import PipelineError, StoreError
+from pipeline.lineage import code_sha256, git_revision, library_versions
+from pipeline.params import Params
+from pipeline.runner import run_tasks
+from pipeline.statsfile import Stats, load_stats
+from pipeline.store import atomic_output, create_images_array, open_prepared
+from pipeline.transform import (
+    PER_IMAGE_MODES,
+    Constants,
+    apply,
+    dataset_constants,
+    per_image_constants,
+)
+
+__all__ = ["FORMULA", "NORMALIZED_SCHEMA", "expected_block", "run_normalize"]
+
+from pipeline.reader import NORMALIZED_SCHEMA
+
+FORMULA = (
+    "y = dtype(((x / d) - offset) / scale), evaluated in float64 and rounded once; "
+    "d = 1 for input_scale pixel, pixel_max for unit; x = round((y * scale + offset) * d)"
+)
+
+
+def expected_block(
+    block: np.ndarray,
+    mode: str,
+    constants: Constants | None,
+    eps: float,
+    divisor: float,
+    dtype: str,
+) -> tuple[np.ndarray, Constants]:
+    """Normalize one block of a prepared store; per-image modes compute their own constants."""
+    if mode in PER_IMAGE_MODES:
+        constants = per_image_constants(block, mode, eps, divisor)
+    assert constants is not None
+    return apply(block, constants, dtype), constants
+
+
+def _normalize_shard(
+    src: str,
+    dst: str,
+    start: int,
+    stop: int,
+    mode: str,
+    constants: Constants | None,
+    eps: float,
+    divisor: float,
+    dtype: str,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Read samples [start, stop), normalize, write them as one whole output shard."""
+    source = zarr.open_array(src, mode="r")
+    try:
+        block = np.asarray(source[start:stop])
+    except Exception as exc:  # zarr and the codecs raise many types for damaged shards
+        raise StoreError(
+            f"cannot read samples {start}..{stop - 1} of {src}: {exc}. The prepared store is "
+            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
+        ) from exc
+    out, used = expected_block(block, mode, constants, eps, divisor, dtype)
+    zarr.open_array(dst, mode="r+")[start:stop] = out
+    return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
+
+
+def _relative(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+
+
+def _copy_sample_arrays(src: zarr.Group, dst: zarr.Group) -> None:
+    for name in ("label", "split", "path"):
+        a = src[name]
+        assert isinstance(a, zarr.Array)
+        b = dst.create_array(
+            name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=a.chunks,
+            dimension_names=a.metadata.dimension_names,  # type: ignore[union-attr]
+            attributes=dict(a.attrs),
+            fill_value=a.fill_value,
+        )
+        b[...] = a[...]
+
+
+def _put(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape,
+        dimension_names=dims,
+        compressors=None,
+    )
+    arr[...] = data
+
+
+def run_normalize(
+    prepared: Path, stats_dir: Path, out: Path, params: Params, *, progress: bool = False
+) -> dict[str, Any]:
+    """Run the normalize stage; return the lineage written into the store's attributes."""
+    np_ = params.normalize
+    store = open_prepared(Path(prepared) / "images.zarr")
+    stats = load_stats(stats_dir)
+    if stats.fingerprint != store.fingerprint:
+        raise PipelineError(
+            f"{stats.path / 'stats.json'} was fitted on other data (fingerprint "
+            f"{stats.fingerprint[:12]}) than {prepared} ({store.fingerprint[:12]}). "
+            f"Re-run `pipeline stats` on this prepared store (dvc repro)."
+        )
+    images = store.images
+    n, h, w, c = images.shape
+    if stats.mean_image.shape != (h, w, c):
+        raise PipelineError(f"stats image shape {stats.mean_image.shape} != store {(h, w, c)}")
+    divisor = float(stats.pixel_max) if np_.input_scale == "unit" else 1.0
+    constants = None
+    if np_.mode not in PER_IMAGE_MODES:
+        constants = dataset_constants(np_.mode, stats, np_.input_scale)
+    shard = (images.shards or images.chunks)[0]
+    out = Path(out)
+    final_store = out / "images.zarr"
+    with atomic_output(out) as tmp:
+        group = zarr.open_group(tmp / "images.zarr", mode="w")
+        create_images_array(
+            group,
+            "images",
+            shape=(n, h, w, c),
+            dtype=np_.dtype,
+            chunk_images=images.chunks[0],
+            shard_images=shard,
+            codec=np_.codec,
+            codec_level=np_.codec_level,
+        )
+        tasks = [
+            dask.delayed(_normalize_shard, pure=True)(
+                str(store.path / "images"),
+                str(tmp / "images.zarr" / "images"),
+                a,
+                min(a + shard, n),
+                np_.mode,
+                constants,
+                np_.eps,
+                divisor,
+                np_.dtype,
+            )
+            for a in range(0, n, shard)
+        ]
+        results = run_tasks(tasks, params.base, kind="io", progress=progress)
+        _copy_sample_arrays(zarr.open_group(store.path, mode="r"), group)
+        if np_.mode in PER_IMAGE_MODES:
+            offset = np.concatenate([r[0] for r in results])
+            scale = np.concatenate([r[1] for r in results])
+            _put(group, "offset", offset, ("sample", "channel"))
+            _put(group, "scale", scale, ("sample", "channel"))
+        else:
+            assert constants is not None
+            dims = ("y", "x", "channel") if constants.offset.ndim == 3 else ("channel",)
+            _put(group, "offset", constants.offset, dims)
+            _put(group, "scale", constants.scale, dims)
+        lineage = _lineage(params, stats, store.attrs, constants, divisor, prepared, final_store)
+        group.attrs.update(lineage)
+    return lineage
+
+
+def _lineage(
+    params: Params,
+    stats: Stats,
+    prepared_attrs: Any,
+    constants: Constants | None,
+    divisor: float,
+    prepared: Path,
+    final_store: Path,
+) -> dict[str, Any]:
+    """Plain-JSON attributes: how the store was made (DESIGN.md invariant 8)."""
+    np_ = params.normalize
+    small = constants is not None and constants.offset.ndim == 1
+    lineage: dict[str, Any] = {
+        "schema": NORMALIZED_SCHEMA,
+        "mode": np_.mode,
+        "eps": np_.eps,
+        "dtype": np_.dtype,
+        "input_scale": np_.input_scale,
+        "divisor": divisor,
+        "formula": FORMULA,
+        "constants": {
+            "offset": constants.offset.tolist() if small and constants else None,
+            "scale": constants.scale.tolist() if small and constants else None,
+            "arrays": "offset and scale arrays in this group",
+        },
+        "channel_names": stats.channels,
+        "pixel_max": stats.pixel_max,
+        "classes": prepared_attrs["classes"],
+        "splits": prepared_attrs["splits"],
+        "stats": {
+            "path": _relative(stats.path / "stats.json", final_store),
+            "sha256": stats.sha256,
+            "fit_split": stats.fit_split,
+            "count": stats.count,
+            "mean": stats.mean.tolist(),
+            "std": stats.std.tolist(),
+            "params": stats.doc.get("params", {}),
+        },
+        "prepared": {
+            "path": _relative(Path(prepared) / "images.zarr", final_store),
+            "fingerprint": prepared_attrs["fingerprint"],
+            "decode": prepared_attrs["decode"],
+            "versions": prepared_attrs["versions"],
+        },
+        "params": {"normalize": {k: v for k, v in vars(np_).items()}},
+        "versions": library_versions(),
+        "code_sha256": code_sha256(),
+    }
+    if np_.record_git_revision:
+        lineage["git"] = git_revision(Path.cwd())
+    return lineage

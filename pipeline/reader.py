@@ -1,0 +1,203 @@
+"""Training side: open a normalized store, check its lineage, and index it like a dataset."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import StoreError
+from pipeline.statsfile import load_stats
+from pipeline.store import read_array
+from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants, invert
+
+__all__ = ["NormalizedDataset", "open_normalized"]
+
+NORMALIZED_SCHEMA = "pipeline.normalized/1"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _store_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "images.zarr" if (p / "images.zarr" / "zarr.json").is_file() else p
+
+
+class NormalizedDataset:
+    """Samples ``[start, stop)`` of a normalized store: ``ds[i] -> (image, label)``.
+
+    A map-style dataset in PyTorch's sense (``__len__`` and ``__getitem__`` returning numpy
+    arrays, which the default collate turns into tensors) without importing torch. It pickles
+    by path, so DataLoader worker processes reopen the store themselves.
+    """
+
+    def __init__(
+        self, path: Path, attrs: dict[str, Any], start: int, stop: int, channels_first: bool
+    ) -> None:
+        self.path = path
+        self._attrs = attrs
+        self.start, self.stop = start, stop
+        self.channels_first = channels_first
+        self._arrays: dict[str, Any] | None = None
+
+    def _open(self) -> dict[str, Any]:
+        if self._arrays is None:
+            group = zarr.open_group(self.path, mode="r")
+            self._arrays = {
+                "images": group["images"],
+                "labels": read_array(group, "label"),
+                "offset": read_array(group, "offset"),
+                "scale": read_array(group, "scale"),
+            }
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _absolute(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        return self.start + (index % n)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        arrays = self._open()
+        i = self._absolute(int(index))
+        image = np.asarray(arrays["images"][i])
+        if self.channels_first:
+            image = np.ascontiguousarray(image.transpose(2, 0, 1))
+        return image, int(arrays["labels"][i])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label index of every sample in this view (-1: no class)."""
+        return self._open()["labels"][self.start : self.stop]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names that labels index into."""
+        return list(self._attrs["classes"])
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """How the store was made, as a plain dict to log to an experiment tracker."""
+        info = copy.deepcopy(self._attrs)
+        info["store"] = str(self.path)
+        info["samples"] = [self.start, self.stop]
+        return info
+
+    def split(self, name: str) -> NormalizedDataset:
+        """The samples of one split (``train``, ``val`` or ``test``)."""
+        if name not in SPLIT_NAMES:
+            raise KeyError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
+        start, stop = self._attrs["splits"][name]
+        return NormalizedDataset(
+            self.path,
+            self._attrs,
+            max(start, self.start),
+            min(stop, self.stop),
+            self.channels_first,
+        )
+
+    def dask(self) -> Any:
+        """The images of this view as a dask array, one block per store chunk."""
+        import dask.array as da
+
+        return da.from_zarr(self._open()["images"])[self.start : self.stop]
+
+    def denormalize(self, x: np.ndarray, index: int | None = None) -> np.ndarray:
+        """Map normalized pixels back to the original integers.
+
+        ``x`` is one (H, W, C) image (``channels_first`` views take (C, H, W)) or a batch of
+        them. Per-image modes need ``index``, the sample's position in this view.
+        """
+        arrays = self._open()
+        y = np.asarray(x)
+        if self.channels_first:
+            y = np.moveaxis(y, -3, -1)
+        offset, scale = arrays["offset"], arrays["scale"]
+        if self._attrs["mode"] in PER_IMAGE_MODES:
+            if index is None:
+                raise ValueError("per-image modes need the sample index to denormalize")
+            i = self._absolute(index)
+            offset, scale = offset[i : i + 1], scale[i : i + 1]
+        batch = y if y.ndim == 4 else y[None]
+        k = Constants(offset=offset, scale=scale, divisor=float(self._attrs["divisor"]))
+        out = invert(batch, k, int(self._attrs["pixel_max"]))
+        out = out if y.ndim == 4 else out[0]
+        return np.moveaxis(out, -1, -3) if self.channels_first else out
+
+
+def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a store whose recorded stats hash, params, fingerprint or constants do not match."""
+    rel = attrs.get("stats", {}).get("path")
+    stats_json = (path / rel).resolve() if rel else None
+    hint = "Re-run `dvc repro`, or pass verify=False to open it anyway."
+    if stats_json is None or not stats_json.is_file():
+        raise StoreError(f"{path}: its stats file {stats_json} is missing. {hint}")
+    digest = hashlib.sha256(stats_json.read_bytes()).hexdigest()
+    if digest != attrs["stats"]["sha256"]:
+        raise StoreError(
+            f"{path} was normalized with stats sha256 {attrs['stats']['sha256'][:12]}, but "
+            f"{stats_json} now has sha256 {digest[:12]}. {hint}"
+        )
+    stats = load_stats(stats_json)
+    if stats.fingerprint != attrs["prepared"]["fingerprint"]:
+        raise StoreError(f"{path}: stats were fitted on other data than this store. {hint}")
+    if stats.doc.get("params", {}) != attrs["stats"].get("params"):
+        raise StoreError(f"{path}: recorded stats params differ from {stats_json}. {hint}")
+    group = zarr.open_group(path, mode="r")
+    dtype = zarr.open_array(path / "images", mode="r").dtype
+    if str(dtype) != attrs["dtype"]:
+        raise StoreError(f"{path}: images are {dtype}, lineage says {attrs['dtype']}. {hint}")
+    if attrs["mode"] in PER_IMAGE_MODES:
+        return
+    expected = dataset_constants(attrs["mode"], stats, attrs["input_scale"])
+    offset, scale = read_array(group, "offset"), read_array(group, "scale")
+    recorded = attrs["constants"]
+    small_ok = recorded["offset"] is None or (
+        recorded["offset"] == expected.offset.tolist()
+        and recorded["scale"] == expected.scale.tolist()
+    )
+    arrays_ok = np.array_equal(offset, expected.offset) and np.array_equal(scale, expected.scale)
+    if not (arrays_ok and small_ok):
+        raise StoreError(f"{path}: the constants applied do not match {stats_json}. {hint}")
+
+
+def open_normalized(
+    path: str | Path, *, verify: bool = True, channels_first: bool = False
+) -> NormalizedDataset:
+    """Open a normalized store for training, after checking its lineage.
+
+    Parameters
+    ----------
+    path
+        ``data/normalized`` or ``data/normalized/images.zarr``.
+    verify
+        Check the recorded stats hash, params, data fingerprint and constants against the
+        stats file the store names, and refuse the store when they differ.
+    channels_first
+        Return images as (C, H, W), as PyTorch models expect, instead of (H, W, C).
+    """
+    store = _store_path(path)
+    try:
+        attrs = dict(zarr.open_group(store, mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:
+        raise StoreError(f"{store} is not a readable normalized store: {exc}") from exc
+    if attrs.get("schema") != NORMALIZED_SCHEMA:
+        raise StoreError(
+            f"{store} is not a normalized store (schema {attrs.get('schema')!r}); "
+            f"make one with `pipeline normalize`."
+        )
+    if verify:
+        check_lineage(store, attrs)
+    n = int(zarr.open_array(store / "images", mode="r").shape[0])
+    return NormalizedDataset(store, attrs, 0, n, channels_first)
