@@ -133,6 +133,60 @@ def normalize(
     )
 
 
+@app.command()
+@_reports_errors
+def verify(
+    store: Annotated[Path, typer.Argument(help="Normalized folder or images.zarr to check.")],
+    sample: Annotated[
+        int | None, typer.Option(help="Check only this many seeded random samples.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    params: ParamsOption = None,
+) -> None:
+    """Recompute STORE from its prepared store and stats; exit 1 on any mismatch."""
+    from pipeline.verify import verify_store
+
+    report = verify_store(store, sample=sample, seed=seed, base=_params(params).base)
+    for problem in report.problems:
+        typer.echo(f"verify: {problem}", err=True)
+    if report.mismatched:
+        shown = ", ".join(str(i) for i in report.mismatched[:20])
+        typer.echo(f"verify: {len(report.mismatched)} sample(s) differ: {shown}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    typer.echo(f"verify: {report.checked} samples match; lineage checks out ({report.store})")
+
+
+@app.command()
+@_reports_errors
+def show(
+    store: Annotated[Path, typer.Argument(help="Normalized folder or images.zarr.")],
+    indices: Annotated[list[int], typer.Argument(help="Sample indices to draw.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("show"),
+) -> None:
+    """Write PNGs of raw | normalized (rescaled for viewing) | denormalized samples."""
+    from pipeline.show import show_samples
+
+    for path in show_samples(store, indices, out):
+        typer.echo(str(path))
+
+
+@app.command()
+@_reports_errors
+def export(
+    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
+    format: Annotated[
+        str, typer.Option("--format", help="torchvision | albumentations | timm | keras | json")
+    ] = "json",
+    mode: Annotated[str, typer.Option(help="per_channel | global | per_pixel")] = "per_channel",
+) -> None:
+    """Print the fitted constants ready to paste, in the chosen library's units."""
+    from pipeline.export import export_constants
+    from pipeline.statsfile import load_stats
+
+    typer.echo(export_constants(load_stats(stats_dir), format, mode), nl=False)
+
+
 def main() -> None:
     """Entry point for the console script."""
     app(prog_name="pipeline")

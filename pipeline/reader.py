@@ -21,7 +21,7 @@ NORMALIZED_SCHEMA = "pipeline.normalized/1"
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _store_path(path: str | Path) -> Path:
+def normalized_store_path(path: str | Path) -> Path:
     p = Path(path)
     return p / "images.zarr" if (p / "images.zarr" / "zarr.json").is_file() else p
 
@@ -187,7 +187,7 @@ def open_normalized(
     channels_first
         Return images as (C, H, W), as PyTorch models expect, instead of (H, W, C).
     """
-    store = _store_path(path)
+    store = normalized_store_path(path)
     try:
         attrs = dict(zarr.open_group(store, mode="r").attrs)
     except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:

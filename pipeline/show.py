@@ -1,0 +1,51 @@
+"""``pipeline show``: raw, normalized and denormalized samples side by side, as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+
+from pipeline.reader import open_normalized
+
+__all__ = ["show_samples"]
+
+
+def _to_uint8(image: np.ndarray, pixel_max: int) -> np.ndarray:
+    """Integer pixels to uint8 for display (16-bit values are scaled)."""
+    if pixel_max == 255:
+        return image.astype(np.uint8)
+    return ((image.astype(np.uint32) * 255 + pixel_max // 2) // pixel_max).astype(np.uint8)
+
+
+def _rescaled(y: np.ndarray) -> np.ndarray:
+    """Normalized values stretched to 0..255 (their own min and max) so they can be seen."""
+    y = y.astype(np.float64)
+    lo, hi = float(y.min()), float(y.max())
+    if hi <= lo:
+        return np.full(y.shape, 128, dtype=np.uint8)
+    return np.rint((y - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def show_samples(store: Path, indices: list[int], out_dir: Path) -> list[Path]:
+    """Write one PNG per index: raw | normalized (rescaled) | denormalized."""
+    ds = open_normalized(store, verify=False)
+    prepared = zarr.open_array((ds.path / ds.lineage["prepared"]["path"]) / "images", mode="r")
+    pixel_max = int(ds.lineage["pixel_max"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in indices:
+        y, _ = ds[index]
+        raw = np.asarray(prepared[ds.start + (index % len(ds))])
+        panels = [
+            _to_uint8(raw, pixel_max),
+            _rescaled(y),
+            _to_uint8(ds.denormalize(y, index=index), pixel_max),
+        ]
+        row = np.concatenate([p if p.shape[-1] == 3 else np.repeat(p, 3, -1) for p in panels], 1)
+        path = out_dir / f"sample-{index:06d}.png"
+        Image.fromarray(row).save(path)
+        written.append(path)
+    return written
