@@ -101,3 +101,23 @@ def test_bad_param_fails_the_stage_with_a_named_key(repo: tuple[Path, dict[str, 
     assert "ingest.resize" in proc.stderr + proc.stdout
     assert "'squash'" in proc.stderr + proc.stdout
     assert not (work / "data" / "prepared").exists()
+
+
+def test_metrics_and_experiment_with_another_mode(repo: tuple[Path, dict[str, str]]) -> None:
+    work, env = repo
+    run(["dvc", "repro"], work, env)
+    out = run(["dvc", "metrics", "show", "--json"], work, env)
+    assert '"mean"' in out
+    assert "channels" in out
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "baseline"], work, env)
+    out = run(["dvc", "exp", "run", "-S", "normalize.mode=per_pixel"], work, env)
+    assert "Running stage 'normalize'" in out
+    assert "Running stage 'ingest'" not in out
+    diff = run(["dvc", "params", "diff"], work, env)
+    assert "normalize.mode" in diff
+    assert "per_pixel" in diff
+    from pipeline import open_normalized
+
+    ds = open_normalized(work / "data" / "normalized")
+    assert ds.lineage["mode"] == "per_pixel"
