@@ -12,7 +12,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.statsfile import load_stats
-from pipeline.store import read_array
+from pipeline.store import check_complete, read_array
 from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants, invert
 
 __all__ = ["NormalizedDataset", "open_normalized"]
@@ -199,5 +199,7 @@ def open_normalized(
         )
     if verify:
         check_lineage(store, attrs)
-    n = int(zarr.open_array(store / "images", mode="r").shape[0])
+    images = zarr.open_array(store / "images", mode="r")
+    check_complete(images, store / "images")
+    n = int(images.shape[0])
     return NormalizedDataset(store, attrs, 0, n, channels_first)

@@ -192,7 +192,7 @@ class FitResult:
 
 def _percentile(hist: Sequence[int], count: int, q: float) -> int:
     """Nearest-rank percentile: the smallest value with at least ceil(q% of count) at or below."""
-    rank = max(1, math.ceil(Fraction(q) / 100 * count))
+    rank = max(1, math.ceil(Fraction(repr(q)) / 100 * count))
     running = 0
     for value, c in enumerate(hist):
         running += c

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,14 @@ from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
 from pipeline.statsfile import (
+    STATS_JSON,
     STATS_SCHEMA,
     STATS_ZARR,
     channel_names,
+    tree_sha256,
     write_arrays,
-    write_stats,
 )
-from pipeline.store import open_prepared
+from pipeline.store import atomic_output, atomic_write_text, dumps_json, open_prepared
 
 __all__ = ["fit_range", "run_stats"]
 
@@ -163,14 +162,11 @@ def run_stats(
     )
     fit = aggregate(moments, params.stats.percentiles)
     doc = _document(fit, params, store.fingerprint, store.images.shape[0])
+    # stats.zarr first, then stats.json naming its digest: a run killed in between leaves a
+    # pair that load_stats refuses, never one that silently disagrees.
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob(f".{STATS_ZARR}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = out_dir / f".{STATS_ZARR}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
+    with atomic_output(out_dir / STATS_ZARR) as tmp:
         write_arrays(tmp, fit, moments, zero_std=params.stats.zero_std, eps=params.stats.eps)
-        write_stats(out_dir, tmp, doc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp)}
+    atomic_write_text(out_dir / STATS_JSON, dumps_json(doc))
     return doc

@@ -14,9 +14,9 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.stats import FitResult, Moments
-from pipeline.store import dumps_json, read_array, sha256_file
+from pipeline.store import read_array, sha256_file
 
-__all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256", "write_stats"]
+__all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256", "write_arrays"]
 
 STATS_SCHEMA = "pipeline.stats/1"
 STATS_JSON = "stats.json"
@@ -75,23 +75,6 @@ def write_arrays(
     if moments.pixel_sumsq.dtype != object:  # int64 fits: store the exact partial sums too
         put("pixel_sum", moments.pixel_sum.astype(np.int64), dims)
         put("pixel_sumsq", moments.pixel_sumsq.astype(np.int64), dims)
-
-
-def write_stats(out_dir: Path, tmp_arrays: Path, doc: dict[str, Any]) -> None:
-    """Publish stats.zarr (already written at ``tmp_arrays``) and then stats.json, atomically."""
-    doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp_arrays)}
-    final_arrays = out_dir / STATS_ZARR
-    old = out_dir / f".{STATS_ZARR}.old"
-    if final_arrays.exists():
-        os.replace(final_arrays, old)
-    os.replace(tmp_arrays, final_arrays)
-    tmp_json = out_dir / f".{STATS_JSON}.tmp"
-    tmp_json.write_text(dumps_json(doc), encoding="ascii")
-    os.replace(tmp_json, out_dir / STATS_JSON)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True, kw_only=True)

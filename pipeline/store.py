@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import uuid
@@ -25,6 +27,8 @@ __all__ = [
     "PREPARED_SCHEMA",
     "PreparedStore",
     "atomic_output",
+    "atomic_write_text",
+    "check_complete",
     "create_images_array",
     "dumps_json",
     "open_prepared",
@@ -67,9 +71,9 @@ def atomic_output(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
+    for leftover in dest.parent.glob(f".{dest.name}.tmp*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in dest.parent.glob(f".{dest.name}.old-*"):
+    for leftover in dest.parent.glob(f".{dest.name}.old*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
@@ -88,6 +92,19 @@ def atomic_output(dest: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.write_text(text, encoding="ascii")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def compressors_for(codec: str, level: int) -> Any:
@@ -123,6 +140,27 @@ def create_images_array(
         dimension_names=IMAGE_DIMS,
         config=WRITE_CONFIG,
     )
+
+
+def check_complete(array: zarr.Array, array_dir: Path) -> None:
+    """Raise StoreError if any shard file of ``array`` is missing or empty.
+
+    Zarr reads a missing (or zero-byte) shard as fill values: a store damaged that way would
+    otherwise pass as black images. Our writers always write every shard.
+    """
+    shard = array.shards or array.chunks
+    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, shard, strict=True)]
+    bad = []
+    for index in itertools.product(*grid):
+        key = array_dir.joinpath("c", *map(str, index))
+        if not key.is_file() or key.stat().st_size == 0:
+            bad.append(key.relative_to(array_dir).as_posix())
+    if bad:
+        raise StoreError(
+            f"{array_dir} is incomplete: {len(bad)} shard file(s) missing or empty "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Re-run the stage that "
+            f"wrote it (dvc repro), or `dvc checkout` it."
+        )
 
 
 def read_array(group: zarr.Group, name: str) -> np.ndarray:
@@ -186,4 +224,5 @@ def open_prepared(path: Path) -> PreparedStore:
         raise StoreError(f"{path} is not a readable prepared store: {exc}") from exc
     if not isinstance(images, zarr.Array) or images.ndim != 4:
         raise StoreError(f"{path}/images is not a 4-D (sample, y, x, channel) array.")
+    check_complete(images, path / "images")
     return PreparedStore(path=path, images=images, attrs=attrs)

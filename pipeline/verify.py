@@ -13,7 +13,7 @@ import zarr
 from pipeline.errors import PipelineError, StoreError
 from pipeline.normalize import expected_block
 from pipeline.params import BaseParams
-from pipeline.reader import normalized_store_path, check_lineage
+from pipeline.reader import check_lineage, normalized_store_path
 from pipeline.runner import run_tasks
 from pipeline.statsfile import load_stats
 from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants
