@@ -13,7 +13,13 @@ import zarr
 from pipeline.errors import StoreError
 from pipeline.statsfile import load_stats
 from pipeline.store import check_complete, read_array
-from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants, invert
+from pipeline.transform import (
+    DATASET_MODES,
+    PER_IMAGE_MODES,
+    Constants,
+    dataset_constants,
+    invert,
+)
 
 __all__ = ["NormalizedDataset", "open_normalized"]
 
@@ -99,13 +105,9 @@ class NormalizedDataset:
         if name not in SPLIT_NAMES:
             raise KeyError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
         start, stop = self._attrs["splits"][name]
-        return NormalizedDataset(
-            self.path,
-            self._attrs,
-            max(start, self.start),
-            min(stop, self.stop),
-            self.channels_first,
-        )
+        start = max(start, self.start)
+        stop = max(start, min(stop, self.stop))  # a split of a disjoint split is empty
+        return NormalizedDataset(self.path, self._attrs, start, stop, self.channels_first)
 
     def dask(self) -> Any:
         """The images of this view as a dask array, one block per store chunk."""
@@ -155,21 +157,44 @@ def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
     if stats.doc.get("params", {}) != attrs["stats"].get("params"):
         raise StoreError(f"{path}: recorded stats params differ from {stats_json}. {hint}")
     group = zarr.open_group(path, mode="r")
-    dtype = zarr.open_array(path / "images", mode="r").dtype
-    if str(dtype) != attrs["dtype"]:
-        raise StoreError(f"{path}: images are {dtype}, lineage says {attrs['dtype']}. {hint}")
-    if attrs["mode"] in PER_IMAGE_MODES:
-        return
-    expected = dataset_constants(attrs["mode"], stats, attrs["input_scale"])
+    images = zarr.open_array(path / "images", mode="r")
     offset, scale = read_array(group, "offset"), read_array(group, "scale")
-    recorded = attrs["constants"]
-    small_ok = recorded["offset"] is None or (
-        recorded["offset"] == expected.offset.tolist()
-        and recorded["scale"] == expected.scale.tolist()
-    )
-    arrays_ok = np.array_equal(offset, expected.offset) and np.array_equal(scale, expected.scale)
-    if not (arrays_ok and small_ok):
-        raise StoreError(f"{path}: the constants applied do not match {stats_json}. {hint}")
+    mode, scale_kind = attrs.get("mode"), attrs.get("input_scale")
+    recorded = attrs.get("constants") or {}
+    # Every attribute that follows from the stats file and the mode must equal what it implies.
+    implied: dict[str, tuple[Any, Any]] = {
+        "dtype": (attrs.get("dtype"), str(images.dtype)),
+        "pixel_max": (attrs.get("pixel_max"), stats.pixel_max),
+        "divisor": (attrs.get("divisor"), float(stats.pixel_max) if scale_kind == "unit" else 1.0),
+        "channel_names": (attrs.get("channel_names"), stats.channels),
+        "stats.mean": (attrs["stats"].get("mean"), stats.mean.tolist()),
+        "stats.std": (attrs["stats"].get("std"), stats.std.tolist()),
+        "stats.fit_split": (attrs["stats"].get("fit_split"), stats.fit_split),
+        "stats.count": (attrs["stats"].get("count"), stats.count),
+    }
+    if mode in PER_IMAGE_MODES:
+        shape = (images.shape[0], images.shape[-1])
+        implied["offset shape"] = (offset.shape, shape)
+        implied["scale shape"] = (scale.shape, shape)
+        implied["constants"] = ((recorded.get("offset"), recorded.get("scale")), (None, None))
+    elif mode in DATASET_MODES and scale_kind in ("pixel", "unit"):
+        want = dataset_constants(mode, stats, scale_kind)
+        implied["offset"] = (offset.tolist(), want.offset.tolist())
+        implied["scale"] = (scale.tolist(), want.scale.tolist())
+        if want.offset.ndim == 1:
+            implied["constants"] = (
+                (recorded.get("offset"), recorded.get("scale")),
+                (want.offset.tolist(), want.scale.tolist()),
+            )
+    else:
+        implied["mode, input_scale"] = ((mode, scale_kind), "a known mode and input_scale")
+    wrong = [name for name, (have, want) in implied.items() if have != want]
+    if wrong:
+        raise StoreError(
+            f"{path}: lineage and constants check failed for {', '.join(wrong)}: the recorded "
+            f"values do not match what {stats_json} and the mode imply (the store or its "
+            f"attributes were changed). {hint}"
+        )
 
 
 def open_normalized(

@@ -72,8 +72,9 @@ def per_image_constants(block: np.ndarray, mode: str, eps: float, divisor: float
     """Each sample's own mean and (std + eps), over all channels or per channel."""
     x = block.astype(np.float64) / divisor
     axes = (1, 2, 3) if mode == "per_image" else (1, 2)
-    offset = x.mean(axis=axes).reshape(len(block), -1)
-    scale = x.std(axis=axes).reshape(len(block), -1) + eps
+    shape = (len(block), block.shape[-1])  # (n, C) for both: one layout for the stored arrays
+    offset = np.broadcast_to(x.mean(axis=axes).reshape(len(block), -1), shape).copy()
+    scale = np.broadcast_to(x.std(axis=axes).reshape(len(block), -1) + eps, shape).copy()
     return Constants(offset=offset, scale=scale, divisor=divisor)
 
 

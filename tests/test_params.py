@@ -15,9 +15,9 @@ from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import (
     BaseParams,
     IngestParams,
+    NormalizeParams,
     Params,
     SampleParams,
-    NormalizeParams,
     SplitParams,
     StatsParams,
     load_params,
