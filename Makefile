@@ -28,7 +28,7 @@ test-fast: setup
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 test-slow: setup
-	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m slow
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]
 
 lint: setup
 	$(BIN)/ruff check pipeline tests bench
