@@ -175,7 +175,7 @@ def _decoder_versions() -> dict[str, str]:
 def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = False) -> IngestResult:
     """Run the ingest stage: decode ``source`` into the prepared folder ``out``."""
     ip = params.ingest
-    source = Path(source)
+    source = Path(source).resolve()
     relpaths, broken = list_images(source)
     files = assign(relpaths, ip)
     if not files and not broken:
@@ -212,7 +212,9 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
         ]
         records = [
             r
-            for shard in run_tasks(tasks, params.base, kind="decode", progress=progress)
+            for shard in run_tasks(
+                tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
+            )
             for r in shard
         ]
         rejected = sorted(
@@ -247,7 +249,7 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
                 )
                 for a, b in _shards(len(kept), ip.shard_images)
             ]
-            run_tasks(copies, params.base, kind="io", progress=progress)
+            run_tasks(copies, params.base, kind="io", progress=progress, shared=[tmp])
             del group["candidates"]
             del final
         kept_files = [files[i] for i in kept]

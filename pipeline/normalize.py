@@ -144,7 +144,7 @@ def run_normalize(
         )
         tasks = [
             dask.delayed(_normalize_shard, pure=True)(
-                str(store.path / "images"),
+                str(store.path.resolve() / "images"),
                 str(tmp / "images.zarr" / "images"),
                 a,
                 min(a + shard, n),
@@ -156,7 +156,9 @@ def run_normalize(
             )
             for a in range(0, n, shard)
         ]
-        results = run_tasks(tasks, params.base, kind="io", progress=progress)
+        results = run_tasks(
+            tasks, params.base, kind="io", progress=progress, shared=[store.path, tmp]
+        )
         _copy_sample_arrays(zarr.open_group(store.path, mode="r"), group)
         if np_.mode in PER_IMAGE_MODES:
             offset = np.concatenate([r[0] for r in results])

@@ -27,6 +27,7 @@ __all__ = [
     "StatsParams",
     "load_params",
     "parse_params",
+    "parse_scheduler",
 ]
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -59,6 +60,14 @@ def parse_choice(value: object, key: str, choices: Sequence[Any]) -> Any:
         allowed = ", ".join(repr(c) for c in choices)
         raise _fail(key, f"one of {allowed}", value)
     return value
+
+
+def parse_scheduler(value: object, key: str) -> str:
+    """A local scheduler name, or the tcp:// or tls:// address of a dask.distributed scheduler."""
+    if isinstance(value, str) and (value in SCHEDULERS or value.startswith(("tcp://", "tls://"))):
+        return value
+    allowed = ", ".join(repr(c) for c in SCHEDULERS)
+    raise _fail(key, f"one of {allowed}, or a scheduler address like 'tcp://host:8786'", value)
 
 
 def parse_int(value: object, key: str, *, minimum: int | None = None) -> int:
@@ -149,7 +158,7 @@ class BaseParams:
         _check_keys("base", raw, cls)
         workers = raw.get("workers")
         return cls(
-            scheduler=parse_choice(raw.get("scheduler", "auto"), "base.scheduler", SCHEDULERS),
+            scheduler=parse_scheduler(raw.get("scheduler", "auto"), "base.scheduler"),
             workers=None if workers is None else parse_int(workers, "base.workers", minimum=1),
         )
 

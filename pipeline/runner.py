@@ -1,4 +1,9 @@
-"""Running Dask task lists on the scheduler that ``base.scheduler`` asks for."""
+"""Running Dask task lists on the scheduler that ``base.scheduler`` asks for.
+
+Local schedulers (threads, processes, synchronous) or an existing dask.distributed cluster
+given by its address. Outputs never depend on the choice: every task writes whole shards or
+returns exact partial results.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +11,88 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import dask
 from dask.diagnostics import ProgressBar
 
-from pipeline.params import BaseParams
+from pipeline.errors import PipelineError
+from pipeline.params import BaseParams, parse_scheduler
 
-__all__ = ["resolve_scheduler", "run_tasks"]
+__all__ = ["SCHEDULER_ENV", "resolve_scheduler", "run_tasks"]
 
 # Measured on 2 cores: Pillow's JPEG decode holds the GIL, so decoding scales with processes
 # only; numpy reductions and Zarr I/O release it, so threads avoid pickling for those.
 AUTO = {"decode": "processes", "reduce": "threads", "io": "threads"}
+# Overrides base.scheduler without touching params.yaml (so DVC sees no change): for cluster runs.
+SCHEDULER_ENV = "PIPELINE_SCHEDULER"
 
 
 def resolve_scheduler(base: BaseParams, kind: str) -> tuple[str, int]:
-    """(scheduler name, worker count) for a task list of ``kind``."""
+    """(scheduler name or cluster address, worker count) for a task list of ``kind``."""
+    chosen = base.scheduler
+    if os.environ.get(SCHEDULER_ENV):
+        chosen = parse_scheduler(os.environ[SCHEDULER_ENV], SCHEDULER_ENV)
     workers = base.workers or os.cpu_count() or 1
-    scheduler = AUTO[kind] if base.scheduler == "auto" else base.scheduler
+    scheduler = AUTO[kind] if chosen == "auto" else chosen
     if scheduler == "processes" and workers == 1:
         scheduler = "synchronous"  # one worker process only adds start-up and pickling cost
     return scheduler, workers
 
 
-def run_tasks(
-    tasks: Sequence[Any], base: BaseParams, *, kind: str, progress: bool = False
+def _check_shared(client: Any, paths: Sequence[Path]) -> None:
+    """Fail before any work if some worker cannot see a path the tasks read or write."""
+    for path in paths:
+        seen = client.run(os.path.exists, str(Path(path).resolve()))
+        blind = sorted(worker for worker, ok in seen.items() if not ok)
+        if blind:
+            raise PipelineError(
+                f"{len(blind)} Dask worker(s) cannot see {path} ({', '.join(blind[:3])}). Put "
+                f"the data and outputs on storage every worker mounts at the same path."
+            )
+
+
+def _run_on_cluster(
+    tasks: Sequence[Any], address: str, progress: bool, shared: Sequence[Path]
 ) -> list[Any]:
-    """Compute ``tasks`` and return their results in order."""
+    from distributed import Client
+    from distributed import progress as show_progress
+
+    try:
+        client = Client(address, set_as_default=False, timeout="10s")
+    except OSError as exc:
+        raise PipelineError(
+            f"Cannot reach the Dask scheduler at {address}: {exc}. Start it (`dask scheduler`) "
+            f"or fix base.scheduler / ${SCHEDULER_ENV}."
+        ) from exc
+    with client:
+        _check_shared(client, shared)
+        if progress and sys.stderr.isatty():
+            print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        futures = client.compute(list(tasks))
+        if progress and sys.stderr.isatty():
+            show_progress(futures)
+        return list(client.gather(futures))
+
+
+def run_tasks(
+    tasks: Sequence[Any],
+    base: BaseParams,
+    *,
+    kind: str,
+    progress: bool = False,
+    shared: Sequence[Path] = (),
+) -> list[Any]:
+    """Compute ``tasks`` and return their results in order.
+
+    ``shared`` lists paths every worker must see; on a cluster they are checked first.
+    """
     if not tasks:
         return []
     scheduler, workers = resolve_scheduler(base, kind)
+    if "://" in scheduler:
+        return _run_on_cluster(tasks, scheduler, progress, shared)
     bar = ProgressBar(out=sys.stderr) if progress and sys.stderr.isatty() else None
     with bar if bar is not None else contextlib.nullcontext():
         return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))

@@ -76,12 +76,17 @@ def compute_moments(
     progress: bool = False,
 ) -> Moments:
     """Exact moments of samples [start, stop) with one Dask pass."""
+    images_path = Path(images_path).resolve()
     chunks = [
         dask.delayed(_read_moments, pure=True)(str(images_path), a, b)
         for a, b in _blocks(start, stop, block_images)
     ]
     (result,) = run_tasks(
-        [_tree(chunks, params.stats.split_every)], params.base, kind="reduce", progress=progress
+        [_tree(chunks, params.stats.split_every)],
+        params.base,
+        kind="reduce",
+        progress=progress,
+        shared=[images_path],
     )
     return result  # type: ignore[no-any-return]
 

@@ -69,8 +69,9 @@ def atomic_output(dest: Path) -> Iterator[Path]:
     On any exception the temporary folder is removed and ``dest`` is left as it was. Folders
     left behind by an interrupted earlier run (killed, so no cleanup ran) are removed first.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    # Absolute, so tasks on workers with another working directory find it too.
+    dest = Path(dest).parent.resolve() / Path(dest).name
     for leftover in dest.parent.glob(f".{dest.name}.tmp*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in dest.parent.glob(f".{dest.name}.old*"):

@@ -72,7 +72,7 @@ def verify_store(
     path: Path, *, sample: int | None = None, seed: int = 0, base: BaseParams | None = None
 ) -> VerifyReport:
     """Check lineage, then recompute all samples (or ``sample`` seeded ones) and compare."""
-    store = normalized_store_path(path)
+    store = normalized_store_path(path).resolve()
     report = VerifyReport(store=store)
     try:
         group = zarr.open_group(store, mode="r")
@@ -120,7 +120,7 @@ def verify_store(
         )
         for idx in groups.values()
     ]
-    for bad in run_tasks(tasks, base or BaseParams(), kind="io"):
+    for bad in run_tasks(tasks, base or BaseParams(), kind="io", shared=[prepared, store]):
         report.mismatched.extend(bad)
     report.checked = len(chosen)
     return report
