@@ -99,8 +99,11 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             if _is_junk(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = (rel_dir / name).as_posix()
-            if not os.path.exists(os.path.join(dirpath, name)):
+            full = os.path.join(dirpath, name)
+            if not os.path.exists(full):
                 broken.append((rel, "broken symlink: its target does not exist"))
+            elif not os.path.isfile(full):
+                broken.append((rel, "not a regular file (a folder, FIFO, socket or device)"))
             else:
                 found.append(rel)
     return sorted(found), sorted(broken)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,53 @@ def _copy_shard(src_path: str, dst_path: str, indices: Sequence[int], start: int
     dst[start : start + len(indices)] = src.get_orthogonal_selection(np.asarray(indices))
 
 
+def _create(group: zarr.Group, n: int, shape: tuple[int, int, int], ip: IngestParams) -> None:
+    """The (n, H, W, C) images array of the prepared store."""
+    create_images_array(
+        group,
+        "images",
+        shape=(n, *shape),
+        dtype="uint8" if ip.bit_depth == 8 else "uint16",
+        chunk_images=ip.chunk_images,
+        shard_images=ip.shard_images,
+        codec=ip.codec,
+        codec_level=ip.codec_level,
+    )
+
+
+def _compact(
+    store: Path,
+    group: zarr.Group,
+    kept: list[int],
+    shape: tuple[int, int, int],
+    ip: IngestParams,
+    params: Params,
+    progress: bool,
+) -> None:
+    """Rewrite ``images`` with only the ``kept`` samples, still one whole shard per task."""
+    os.replace(store / "images", store / "candidates")  # a Zarr v3 array does not know its name
+    _create(group, len(kept), shape, ip)
+    copies = [
+        dask.delayed(_copy_shard, pure=True)(
+            str(store / "candidates"), str(store / "images"), kept[a:b], a
+        )
+        for a, b in _shards(len(kept), ip.shard_images)
+    ]
+    run_tasks(copies, params.base, kind="io", progress=progress, shared=[store])
+    shutil.rmtree(store / "candidates")
+
+
+def _duplicate_groups(
+    files: Sequence[SourceFile], records: Sequence[dict[str, Any]]
+) -> list[list[str]]:
+    """Paths of usable files with identical bytes, grouped, in store order."""
+    by_hash: dict[str, list[str]] = {}
+    for f, r in zip(files, records, strict=True):
+        if "error" not in r:
+            by_hash.setdefault(r["sha256"], []).append(f.relpath)
+    return [paths for paths in by_hash.values() if len(paths) > 1]
+
+
 def _shards(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -184,78 +232,50 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
             f"{', '.join(sorted({'.jpg', '.png', '.tif', '.webp', '.bmp', '.gif'}))} ...)."
         )
     shape = _probe_shape(source, files, ip)
-    dtype = "uint8" if ip.bit_depth == 8 else "uint16"
     with atomic_output(Path(out)) as tmp:
-        group = zarr.open_group(tmp / "images.zarr", mode="w")
-        n = len(files)
-        cand_name = "images" if ip.on_error == "fail" else "candidates"
-        create_images_array(
-            group,
-            cand_name,
-            shape=(n, *shape),
-            dtype=dtype,
-            chunk_images=ip.chunk_images,
-            shard_images=ip.shard_images,
-            codec=ip.codec,
-            codec_level=ip.codec_level,
-        )
+        store = tmp / "images.zarr"
+        group = zarr.open_group(store, mode="w")
+        _create(group, len(files), shape, ip)
         tasks = [
             dask.delayed(_decode_shard, pure=True)(
-                str(source),
-                [f.relpath for f in files[a:b]],
-                str(tmp / "images.zarr" / cand_name),
-                a,
-                ip,
-                shape,
+                str(source), [f.relpath for f in files[a:b]], str(store / "images"), a, ip, shape
             )
-            for a, b in _shards(n, ip.shard_images)
+            for a, b in _shards(len(files), ip.shard_images)
         ]
-        records = [
-            r
-            for shard in run_tasks(
-                tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
-            )
-            for r in shard
-        ]
-        rejected = sorted(
-            broken
-            + [(f.relpath, r["error"]) for f, r in zip(files, records, strict=True) if "error" in r]
+        results = run_tasks(
+            tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
         )
-        if rejected and ip.on_error == "fail":
-            raise BadImagesError(rejected)
-        kept = [i for i, r in enumerate(records) if "error" not in r]
+        records = [r for shard in results for r in shard]
+        bad = broken + [
+            (f.relpath, r["error"]) for f, r in zip(files, records, strict=True) if "error" in r
+        ]
+        if bad and ip.on_error == "fail":
+            raise BadImagesError(sorted(bad))
+        groups = _duplicate_groups(files, records)
+        dropped = []
+        if ip.duplicates == "drop":
+            dropped = [
+                (p, f"duplicate of {g[0]} (same sha256), dropped by ingest.duplicates")
+                for g in groups
+                for p in g[1:]
+            ]
+        rejected = sorted(bad + dropped)
+        removed = {p for p, _ in dropped}
+        kept = [
+            i for i, r in enumerate(records) if "error" not in r and files[i].relpath not in removed
+        ]
         if not kept:
             raise PipelineError(
                 f"None of the {len(rejected)} files under {source} is usable; "
                 f"see the reasons above or in rejected.json."
             )
-        if ip.on_error == "skip":
-            final = create_images_array(
-                group,
-                "images",
-                shape=(len(kept), *shape),
-                dtype=dtype,
-                chunk_images=ip.chunk_images,
-                shard_images=ip.shard_images,
-                codec=ip.codec,
-                codec_level=ip.codec_level,
-            )
-            copies = [
-                dask.delayed(_copy_shard, pure=True)(
-                    str(tmp / "images.zarr" / "candidates"),
-                    str(tmp / "images.zarr" / "images"),
-                    kept[a:b],
-                    a,
-                )
-                for a, b in _shards(len(kept), ip.shard_images)
-            ]
-            run_tasks(copies, params.base, kind="io", progress=progress, shared=[tmp])
-            del group["candidates"]
-            del final
+        if len(kept) < len(files):
+            _compact(store, group, kept, shape, ip, params, progress)
         kept_files = [files[i] for i in kept]
         kept_records = [records[i] for i in kept]
         manifest = _write_manifest(tmp / "manifest.jsonl", kept_files, kept_records)
         write_json(tmp / "rejected.json", [{"path": p, "reason": r} for p, r in rejected])
+        write_json(tmp / "duplicates.json", [{"paths": g} for g in groups])
         _write_sample_arrays(group, kept_files)
         classes = sorted({f.label for f in kept_files if f.label})
         per_split = {s: sum(1 for f in kept_files if f.split == s) for s in SPLITS}
@@ -317,4 +337,8 @@ def _write_sample_arrays(group: zarr.Group, files: Sequence[SourceFile]) -> None
     path = group.create_array(
         "path", shape=(n,), chunks=(n,), dtype=str, dimension_names=("sample",)
     )
-    path[:] = np.array([f.relpath for f in files], dtype=object)
+    # File names that are not valid UTF-8 (kept by Python as surrogate escapes) are stored with
+    # backslash escapes here; manifest.jsonl keeps them exactly.
+    path[:] = np.array(
+        [os.fsencode(f.relpath).decode("utf-8", "backslashreplace") for f in files], dtype=object
+    )

@@ -40,6 +40,7 @@ ALPHA_POLICIES = ("drop", "composite")
 BIT_DEPTHS = (8, 16)
 SPLIT_METHODS = ("hash", "folders")
 ON_ERROR = ("fail", "skip")
+DUPLICATES = ("keep", "drop")
 CODECS = ("none", "zstd", "lz4")
 # Pillow's default Image.MAX_IMAGE_PIXELS, copied so params do not depend on Pillow's state.
 PILLOW_MAX_PIXELS = 89_478_485
@@ -219,6 +220,7 @@ class IngestParams:
     bit_depth: int = 8
     split: SplitParams = field(default_factory=SplitParams)
     on_error: str = "fail"
+    duplicates: str = "keep"
     max_pixels: int = PILLOW_MAX_PIXELS
     chunk_images: int = 16
     shard_images: int = 256
@@ -254,6 +256,9 @@ class IngestParams:
             ),
             split=SplitParams.from_dict(raw.get("split", {})),
             on_error=parse_choice(raw.get("on_error", d.on_error), "ingest.on_error", ON_ERROR),
+            duplicates=parse_choice(
+                raw.get("duplicates", d.duplicates), "ingest.duplicates", DUPLICATES
+            ),
             max_pixels=parse_int(
                 raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1
             ),
@@ -266,7 +271,8 @@ class IngestParams:
     def decode_dict(self) -> dict[str, Any]:
         """The values that change decoded pixels (not storage layout): recorded as lineage."""
         d = dataclasses.asdict(self)
-        for key in ("source", "chunk_images", "shard_images", "codec", "codec_level", "on_error"):
+        layout = ("source", "chunk_images", "shard_images", "codec", "codec_level")
+        for key in (*layout, "on_error", "duplicates"):
             d.pop(key)
         return _jsonable(d)
 

@@ -225,5 +225,11 @@ def open_prepared(path: Path) -> PreparedStore:
         raise StoreError(f"{path} is not a readable prepared store: {exc}") from exc
     if not isinstance(images, zarr.Array) or images.ndim != 4:
         raise StoreError(f"{path}/images is not a 4-D (sample, y, x, channel) array.")
+    pixel_max = {"uint8": 255, "uint16": 65535}.get(str(images.dtype))
+    if pixel_max is None or attrs.get("pixel_max") != pixel_max:
+        raise StoreError(
+            f"{path}/images holds {images.dtype} with pixel_max {attrs.get('pixel_max')!r}; a "
+            f"prepared store holds uint8 (255) or uint16 (65535). Re-run `pipeline ingest`."
+        )
     check_complete(images, path / "images")
     return PreparedStore(path=path, images=images, attrs=attrs)

@@ -262,3 +262,46 @@ def test_leftovers_of_a_killed_run_are_cleaned(folder: Path, tmp_path: Path) -> 
     (leftover / "images.zarr").mkdir(parents=True)
     run_ingest(folder, tmp_path / "prepared", params())
     assert not leftover.exists()
+
+
+def test_duplicates_are_reported_and_dropped_on_request(folder: Path, tmp_path: Path) -> None:
+    (folder / "eel" / "copy-of-cat-000.jpg").write_bytes((folder / "cat" / "000.jpg").read_bytes())
+    run_ingest(folder, tmp_path / "keep", params())
+    groups = json.loads((tmp_path / "keep" / "duplicates.json").read_text())
+    assert groups == [{"paths": [groups[0]["paths"][0], groups[0]["paths"][1]]}]
+    assert sorted(groups[0]["paths"]) == ["cat/000.jpg", "eel/copy-of-cat-000.jpg"]
+    kept = zarr.open_group(tmp_path / "keep" / "images.zarr", mode="r")
+    assert kept["images"].shape[0] == 43
+
+    result = run_ingest(folder, tmp_path / "drop", params(duplicates="drop"))
+    assert result.count == 42
+    rejected = json.loads((tmp_path / "drop" / "rejected.json").read_text())
+    assert [r["path"] for r in rejected] == [groups[0]["paths"][1]]
+    assert "duplicate of" in rejected[0]["reason"]
+    group = zarr.open_group(tmp_path / "drop" / "images.zarr", mode="r")
+    for i, rel in enumerate(group["path"][:]):
+        np.testing.assert_array_equal(group["images"][i], oracle(folder / rel), err_msg=rel)
+
+
+def test_awkward_file_names_and_special_files(folder: Path, tmp_path: Path) -> None:
+    import os
+
+    good = (folder / "cat" / "001.png").read_bytes()
+    (folder / "cat" / "caf\u00e9 \u732b.PNG").write_bytes(good)  # non-ASCII, upper-case extension
+    os.mkfifo(folder / "dog" / "pipe.png")  # would block a naive reader forever
+    raw_name = os.fsencode(folder / "eel") + b"/\xff\xfe.png"  # not valid UTF-8
+    with open(raw_name, "wb") as fh:
+        fh.write(good)
+    result = run_ingest(folder, tmp_path / "out", params(on_error="skip"))
+    assert result.count == 44
+    rejected = json.loads((tmp_path / "out" / "rejected.json").read_text())
+    assert rejected == [{"path": "dog/pipe.png", "reason": rejected[0]["reason"]}]
+    assert "not a regular file" in rejected[0]["reason"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    ]
+    names = {r["path"] for r in rows}
+    assert "cat/caf\u00e9 \u732b.PNG" in names
+    assert os.fsdecode(b"eel/\xff\xfe.png") in names  # exact, as Python spells the raw name
+    stored = list(zarr.open_group(tmp_path / "out" / "images.zarr", mode="r")["path"][:])
+    assert "eel/\\xff\\xfe.png" in stored

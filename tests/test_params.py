@@ -129,6 +129,7 @@ ROUND_TRIPS = [
     ("ingest", {"codec": "zstd"}, {"codec": "zstd"}),
     ("ingest", {"codec": "lz4"}, {"codec": "lz4"}),
     ("ingest", {"codec_level": 5}, {"codec_level": 5}),
+    ("ingest", {"duplicates": "drop"}, {"duplicates": "drop"}),
     (
         "stats",
         {"fit_split": "all", "allow_non_train_fit": True},
@@ -264,6 +265,7 @@ BAD_VALUES: list[Any] = [
     ("ingest", {"split": {"test": -1}}, "ingest.split.test", None),
     ("ingest", {"on_error": "ignore"}, "ingest.on_error", ON_ERROR),
     ("ingest", {"on_error": False}, "ingest.on_error", ON_ERROR),
+    ("ingest", {"duplicates": "merge"}, "ingest.duplicates", ("keep", "drop")),
     ("ingest", {"max_pixels": 0}, "ingest.max_pixels", None),
     ("ingest", {"max_pixels": "lots"}, "ingest.max_pixels", None),
     ("ingest", {"max_pixels": 1e9}, "ingest.max_pixels", None),
