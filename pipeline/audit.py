@@ -9,64 +9,32 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.errors import PipelineError
-from pipeline.statsfile import STATS_SCHEMA, tree_sha256
-from pipeline.store import read_array
+from pipeline.revisions import (
+    WORKSPACE,
+    RevisionStats,
+    default_revisions,
+    read_revision,
+    repo_root,
+    resolve,
+)
 
 __all__ = [
     "DEFAULT_STATS",
-    "WORKSPACE",
     "Audit",
     "ChannelChange",
     "Comparison",
-    "RevisionStats",
-    "StatsArrays",
     "audit_revisions",
     "js_distance",
 ]
 
-WORKSPACE = "workspace"
 DEFAULT_STATS = Path("data/stats/stats.json")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StatsArrays:
-    """The arrays of one stats.zarr that the audit uses."""
-
-    histogram: np.ndarray  # (C, pixel_max + 1) int64
-    mean_image: np.ndarray  # (H, W, C) float64
-    std_image: np.ndarray  # (H, W, C) float64
-
-
-@dataclass(frozen=True, kw_only=True)
-class RevisionStats:
-    """What could be read at one revision; ``notes`` say what could not, and why."""
-
-    name: str
-    commit: str | None  # None for the workspace
-    doc: dict[str, Any] | None = None
-    arrays: StatsArrays | None = None
-    notes: tuple[str, ...] = ()
-
-    def channel(self, name: str) -> dict[str, Any] | None:
-        """The stats.json entry of channel ``name``, or None."""
-        return None if self.doc is None else self.doc["channels"].get(name)
-
-    def histogram(self, name: str) -> np.ndarray | None:
-        """The exact histogram of channel ``name``, or None when stats.zarr was not read."""
-        if self.arrays is None or self.doc is None or name not in self.doc["channel_names"]:
-            return None
-        return self.arrays.histogram[self.doc["channel_names"].index(name)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +70,7 @@ class Audit:
     @property
     def channel_names(self) -> list[str]:
         """Every channel name seen, in order of first appearance."""
-        names = [n for r in self.revisions if r.doc for n in r.doc["channel_names"]]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(n for r in self.revisions for n in r.channel_names))
 
     @property
     def max_drift(self) -> float | None:
@@ -137,7 +104,7 @@ def _revision_dict(rev: RevisionStats) -> dict[str, Any]:
         "stats": rev.doc is not None,
         "arrays": rev.arrays is not None,
         "notes": list(rev.notes),
-        "count": doc.get("count", {}).get("images"),
+        "count": rev.images,
         "fit_split": doc.get("fit_split"),
         "fingerprint": doc.get("fingerprint"),
         "channels": {
@@ -172,134 +139,6 @@ def js_distance(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
     return float(np.sqrt(min(max(0.5 * kl(p) + 0.5 * kl(q), 0.0), 1.0)))
 
 
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run git in ``root``; the result is checked by the caller."""
-    try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise PipelineError("git is not installed: `pipeline audit` reads git revisions.") from exc
-
-
-def repo_root(cwd: Path) -> Path:
-    """The top folder of the git repository holding ``cwd``, or PipelineError."""
-    proc = _git(cwd, "rev-parse", "--show-toplevel")
-    if proc.returncode != 0:
-        raise PipelineError(
-            f"{cwd} is not in a git repository. `pipeline audit` compares committed versions "
-            f"of the stats: run it inside the project's git repository."
-        )
-    return Path(proc.stdout.decode().strip())
-
-
-def _commit(root: Path, rev: str) -> str | None:
-    """The commit sha that ``rev`` names, or None."""
-    proc = _git(root, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
-    return proc.stdout.decode().strip() if proc.returncode == 0 else None
-
-
-def default_revisions(root: Path) -> list[str]:
-    """Every tag (by commit date, ancestors first on ties), then HEAD, then the workspace."""
-    # peeled (annotated tags) or direct values; only one of each pair is set
-    fmt = (
-        "%(refname:short)\t%(*objectname)%(objectname)\t%(*committerdate:unix)%(committerdate:unix)"
-    )
-    proc = _git(root, "for-each-ref", "--format", fmt, "refs/tags")
-    tags = []
-    for line in proc.stdout.decode().splitlines():
-        name, objects, date = line.split("\t")
-        tags.append((name, objects[:40], int(date or 0)))
-    order = _git(root, "rev-list", "--topo-order", "--reverse", *{sha for _, sha, _ in tags})
-    rank = {sha: i for i, sha in enumerate(order.stdout.decode().split())} if tags else {}
-    tags.sort(key=lambda t: (t[2], rank.get(t[1], 0), t[0]))
-    head = ["HEAD"] if _commit(root, "HEAD") else []
-    return [name for name, _, _ in tags] + head + [WORKSPACE]
-
-
-def _resolve(root: Path, rev: str) -> str | None:
-    """Commit of ``rev`` (None for the workspace), or PipelineError for an unknown revision."""
-    if rev == WORKSPACE:
-        return None
-    sha = _commit(root, rev)
-    if sha is None:
-        raise PipelineError(
-            f"unknown revision {rev!r} in {root}: give a tag, branch or commit (`git tag`, "
-            f"`git log --oneline`), or `{WORKSPACE}` for the working tree."
-        )
-    return sha
-
-
-def _read_doc(root: Path, name: str, commit: str | None, rel: str) -> tuple[Any, str | None]:
-    """stats.json at a revision as (document, None), or (None, a note saying why not)."""
-    if commit is None:
-        path = root / rel
-        raw = path.read_bytes() if path.is_file() else None
-    else:
-        proc = _git(root, "show", f"{commit}:{rel}")
-        raw = proc.stdout if proc.returncode == 0 else None
-    if raw is None:
-        return None, f"no stats at {name}: {rel} not found"
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        return None, f"unreadable stats at {name}: {rel} is not JSON ({exc})"
-    schema = doc.get("schema") if isinstance(doc, dict) else None
-    if schema != STATS_SCHEMA:
-        return None, f"older stats schema {schema!r} at {name}: re-run dvc repro at that revision"
-    return doc, None
-
-
-def _fetch_files(root: Path, commit: str | None, rel: str, dest: Path) -> None:
-    """Copy folder ``rel`` at ``commit`` (DVC cache) or in the workspace (disk) to ``dest``."""
-    if commit is None:
-        if not (root / rel).is_dir():
-            raise FileNotFoundError("not in the workspace (dvc checkout, or dvc pull)")
-        shutil.copytree(root / rel, dest, dirs_exist_ok=True)
-        return
-    from dvc.fs import DVCFileSystem
-
-    fs = DVCFileSystem(repo=os.fspath(root), rev=commit)
-    try:
-        for path in fs.find(f"/{rel}"):
-            target = dest / Path(path.lstrip("/")).relative_to(rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(fs.read_bytes(path))
-    finally:
-        fs.close()
-
-
-def _read_arrays(
-    root: Path, name: str, commit: str | None, rel: str, sha256: str
-) -> tuple[StatsArrays | None, str | None]:
-    """stats.zarr at a revision, checked against its digest, or (None, a note saying why not)."""
-    lost = "histogram distance and pictures unavailable"
-    with tempfile.TemporaryDirectory(prefix="pipeline-audit-") as tmp:
-        try:
-            _fetch_files(root, commit, rel, Path(tmp))
-        except Exception as exc:  # git, DVC and its cache raise many types; the note names it
-            reason = f"{type(exc).__name__}: {exc}"
-            return None, f"only stats.json could be read at {name} ({rel}: {reason}); {lost}"
-        if tree_sha256(Path(tmp)) != sha256:
-            return None, f"{rel} at {name} does not match arrays.sha256 of stats.json; {lost}"
-        group = zarr.open_group(tmp, mode="r")
-        arrays = StatsArrays(
-            histogram=read_array(group, "histogram"),
-            mean_image=read_array(group, "mean_image"),
-            std_image=read_array(group, "std_image"),
-        )
-    return arrays, None
-
-
-def read_revision(root: Path, name: str, commit: str | None, rel: str) -> RevisionStats:
-    """stats.json and, when available, stats.zarr of one revision."""
-    doc, note = _read_doc(root, name, commit, rel)
-    if doc is None:
-        return RevisionStats(name=name, commit=commit, notes=(str(note),))
-    zarr_rel = (Path(rel).parent / doc["arrays"]["path"]).as_posix()
-    arrays, note = _read_arrays(root, name, commit, zarr_rel, doc["arrays"]["sha256"])
-    notes = () if note is None else (note,)
-    return RevisionStats(name=name, commit=commit, doc=doc, arrays=arrays, notes=notes)
-
-
 def _change(before: RevisionStats, after: RevisionStats, channel: str) -> ChannelChange:
     """Deltas, drifts and histogram distance of one channel."""
     b, a = before.channel(channel) or {}, after.channel(channel) or {}
@@ -321,7 +160,7 @@ def compare(revisions: list[RevisionStats]) -> list[Comparison]:
     out = []
     for i, j in itertools.pairwise(with_stats):
         before, after = revisions[i], revisions[j]
-        common = [c for c in after.doc["channel_names"] if before.channel(c)]  # type: ignore[index]
+        common = [c for c in after.channel_names if c in before.channel_names]
         changes = {c: _change(before, after, c) for c in common}
         out.append(
             Comparison(
@@ -338,7 +177,7 @@ def compare(revisions: list[RevisionStats]) -> list[Comparison]:
 def audit_revisions(
     revisions: list[str] | None = None,
     *,
-    stats_path: Path = DEFAULT_STATS,
+    stats_path: Path | None = None,
     cwd: Path | None = None,
 ) -> Audit:
     """Read the stats of each revision and compare consecutive ones.
@@ -349,7 +188,8 @@ def audit_revisions(
         Git revisions (tag, branch, sha, ``HEAD~1``) or ``workspace``; None or empty for
         every tag by commit date, then HEAD, then the workspace.
     stats_path
-        stats.json, relative to ``cwd`` (or absolute) inside the repository.
+        stats.json inside the repository, relative to ``cwd`` (or absolute); None for
+        ``data/stats/stats.json`` at the repository's root.
     cwd
         A folder inside the git repository; default the current directory.
 
@@ -366,18 +206,16 @@ def audit_revisions(
     cwd = Path.cwd() if cwd is None else Path(cwd)
     root = repo_root(cwd)
     try:
-        rel = Path(os.path.abspath(cwd / stats_path)).relative_to(root).as_posix()
+        path = (
+            root / DEFAULT_STATS if stats_path is None else Path(os.path.abspath(cwd / stats_path))
+        )
+        rel = path.relative_to(root).as_posix()
     except ValueError as exc:
         raise PipelineError(f"--stats {stats_path} is outside the repository {root}.") from exc
     names = list(revisions) if revisions else default_revisions(root)
-    resolved = [(name, _resolve(root, name)) for name in names]
+    resolved = [(name, resolve(root, name)) for name in names]
     read = [read_revision(root, name, commit, rel) for name, commit in resolved]
     return Audit(stats_path=rel, revisions=read, comparisons=compare(read))
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    """A number for a table cell; empty when there is none."""
-    return "" if value is None else format(value, spec)
 
 
 def _revisions_table(audit: Audit) -> Any:
@@ -394,7 +232,7 @@ def _revisions_table(audit: Audit) -> Any:
             (rev.commit or WORKSPACE)[:12],
             doc.get("fit_split", "-"),
             str(doc.get("fingerprint", "-"))[:12],
-            str(doc.get("count", {}).get("images", "-")),
+            str(rev.images or "-"),
             "read" if rev.arrays is not None else "-",
         )
     return table
@@ -418,7 +256,7 @@ def _channel_table(audit: Audit, channel: str) -> Any:
         c = changes.get(i)
         table.add_row(
             rev.name,
-            str(rev.doc["count"]["images"]),  # type: ignore[index]
+            str(rev.images),
             f"{ch['mean']:.3f}",
             f"{ch['std']:.3f}",
             *(
@@ -429,7 +267,7 @@ def _channel_table(audit: Audit, channel: str) -> Any:
                     f"{c.delta_std:+.3f}",
                     f"{c.mean_drift:.3f}",
                     f"{c.std_drift:+.3f}",
-                    _fmt(c.js_distance, ".4f"),
+                    "" if c.js_distance is None else f"{c.js_distance:.4f}",
                 )
             ),
         )

@@ -187,6 +187,62 @@ def export(
     typer.echo(export_constants(load_stats(stats_dir), format, mode), nl=False)
 
 
+@app.command()
+@_reports_errors
+def audit(
+    revisions: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="REV",
+            help="Git revisions (tag, branch, sha, HEAD~1) or `workspace`. Default: every tag "
+            "by commit date, HEAD, workspace.",
+        ),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="stats.json to read (default: data/stats/stats.json at the repo root)."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON (sorted keys) instead of tables.")
+    ] = False,
+    fail_on_drift: Annotated[
+        float | None,
+        typer.Option(help="Exit 1 when a mean or std drift (in earlier stds) exceeds this."),
+    ] = None,
+    plots: Annotated[
+        Path | None, typer.Option(help="Folder for PNGs: histograms, mean/std images, diffs.")
+    ] = None,
+) -> None:
+    """Compare the statistics of data versions (git revisions): counts, mean, std, drift."""
+    from pipeline.audit import audit_revisions, print_audit
+    from pipeline.plots import write_audit_plots
+
+    result = audit_revisions(revisions, stats_path=stats)
+    print_audit(result, as_json=json_output)
+    if plots is not None:
+        written, notes = write_audit_plots(result, plots)
+        for note in notes:
+            typer.echo(f"audit: {note}", err=True)
+        typer.echo(f"audit: wrote {len(written)} pictures to {plots}", err=True)
+    drift = result.max_drift
+    if fail_on_drift is not None and drift is not None and drift > fail_on_drift:
+        typer.echo(f"audit: drift {drift:.4f} exceeds --fail-on-drift {fail_on_drift}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@_reports_errors
+def report(
+    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder for the plot files.")],
+) -> None:
+    """Write OUT_DIR/histogram.json, mean_image.png and std_image.png for `dvc plots`."""
+    from pipeline.plots import write_report
+
+    written = write_report(stats_dir, out_dir)
+    typer.echo(f"report: {', '.join(p.name for p in written)} -> {out_dir}")
+
+
 def main() -> None:
     """Entry point for the console script."""
     app(prog_name="pipeline")
