@@ -21,7 +21,6 @@ import numpy as np
 import zarr
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import __version__
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
 from pipeline.images import (
     SPLITS,
@@ -32,6 +31,7 @@ from pipeline.images import (
     output_channels,
     split_of,
 )
+from pipeline.lineage import library_versions
 from pipeline.params import IngestParams, Params
 from pipeline.runner import run_tasks
 from pipeline.store import (
@@ -204,22 +204,6 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _decoder_versions() -> dict[str, str]:
-    import dask as _dask
-    import PIL
-    from PIL import features
-
-    return {
-        "pipeline": __version__,
-        "pillow": PIL.__version__,
-        "libjpeg": str(features.version("jpg")),
-        "zlib": str(features.version("zlib")),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "dask": _dask.__version__,
-    }
-
-
 def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = False) -> IngestResult:
     """Run the ingest stage: decode ``source`` into the prepared folder ``out``."""
     ip = params.ingest
@@ -296,7 +280,7 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
                 "pixel_max": 255 if ip.bit_depth == 8 else 65535,
                 "channels": shape[2],
                 "decode": ip.decode_dict(),
-                "versions": _decoder_versions(),
+                "versions": library_versions(),
             }
         )
     return IngestResult(count=len(kept), per_split=per_split, rejected=rejected)

@@ -27,6 +27,7 @@ def library_versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pillow": PIL.__version__,
         "libjpeg": str(features.version("jpg")),
+        "zlib": str(features.version("zlib")),
         "zarr": zarr.__version__,
         "dask": dask.__version__,
     }

@@ -15,7 +15,7 @@ from pipeline.lineage import code_sha256, git_revision, library_versions
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.statsfile import Stats, load_stats
-from pipeline.store import atomic_output, create_images_array, open_prepared
+from pipeline.store import atomic_output, create_images_array, open_prepared, write_small_array
 from pipeline.transform import (
     PER_IMAGE_MODES,
     Constants,
@@ -94,18 +94,6 @@ def _copy_sample_arrays(src: zarr.Group, dst: zarr.Group) -> None:
         b[...] = a[...]
 
 
-def _put(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
-    arr = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=data.shape,
-        dimension_names=dims,
-        compressors=None,
-    )
-    arr[...] = data
-
-
 def run_normalize(
     prepared: Path, stats_dir: Path, out: Path, params: Params, *, progress: bool = False
 ) -> dict[str, Any]:
@@ -163,13 +151,13 @@ def run_normalize(
         if np_.mode in PER_IMAGE_MODES:
             offset = np.concatenate([r[0] for r in results])
             scale = np.concatenate([r[1] for r in results])
-            _put(group, "offset", offset, ("sample", "channel"))
-            _put(group, "scale", scale, ("sample", "channel"))
+            write_small_array(group, "offset", offset, ("sample", "channel"))
+            write_small_array(group, "scale", scale, ("sample", "channel"))
         else:
             assert constants is not None
             dims = ("y", "x", "channel") if constants.offset.ndim == 3 else ("channel",)
-            _put(group, "offset", constants.offset, dims)
-            _put(group, "scale", constants.scale, dims)
+            write_small_array(group, "offset", constants.offset, dims)
+            write_small_array(group, "scale", constants.scale, dims)
         lineage = _lineage(params, stats, store.attrs, constants, divisor, prepared, final_store)
         group.attrs.update(lineage)
     return lineage

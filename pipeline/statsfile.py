@@ -14,7 +14,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.stats import FitResult, Moments
-from pipeline.store import read_array, sha256_file
+from pipeline.store import read_array, sha256_file, write_small_array
 
 __all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256", "write_arrays"]
 
@@ -57,15 +57,7 @@ def write_arrays(
     dims = ("y", "x", "channel")
 
     def put(name: str, data: np.ndarray, dimension_names: tuple[str, ...]) -> None:
-        arr = group.create_array(
-            name,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=data.shape,
-            dimension_names=dimension_names,
-            compressors=None,
-        )
-        arr[...] = data
+        write_small_array(group, name, data, dimension_names)
 
     put("mean_image", fit.mean_image, dims)
     put("std_image", _safe(fit.std_image, zero_std, eps), dims)

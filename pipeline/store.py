@@ -35,6 +35,7 @@ __all__ = [
     "read_array",
     "sha256_file",
     "write_json",
+    "write_small_array",
 ]
 
 PREPARED_SCHEMA = "pipeline.prepared/1"
@@ -162,6 +163,21 @@ def check_complete(array: zarr.Array, array_dir: Path) -> None:
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Re-run the stage that "
             f"wrote it (dvc repro), or `dvc checkout` it."
         )
+
+
+def write_small_array(
+    group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...]
+) -> None:
+    """Store ``data`` (a few MB at most) as one uncompressed chunk with dimension names."""
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape,
+        dimension_names=dims,
+        compressors=None,
+    )
+    arr[...] = data
 
 
 def read_array(group: zarr.Group, name: str) -> np.ndarray:
