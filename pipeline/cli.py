@@ -49,6 +49,9 @@ def _reports_errors(fn: F) -> F:
         except PipelineError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
+        except OSError as exc:  # disk full, read-only or missing paths: the OS says it best
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
 
     return wrapper  # type: ignore[return-value]
 

@@ -5,10 +5,12 @@ Pure functions of (bytes, params): no Dask, no Zarr. The ingest stage maps them 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,13 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             rel = (rel_dir / name).as_posix()
             full = os.path.join(dirpath, name)
             if not os.path.exists(full):
-                broken.append((rel, "broken symlink: its target does not exist"))
+                try:
+                    os.stat(full)
+                    reason = "cannot be read"
+                except OSError as exc:
+                    loop = exc.errno == errno.ELOOP
+                    reason = "symlink loop" if loop else "broken symlink: its target does not exist"
+                broken.append((rel, reason))
             elif not os.path.isfile(full):
                 broken.append((rel, "not a regular file (a folder, FIFO, socket or device)"))
             else:
@@ -192,6 +200,30 @@ def _to_array(im: Image.Image, params: IngestParams, channels: int) -> np.ndarra
     return np.ascontiguousarray(a)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_crc_error(data: bytes) -> str | None:
+    """The first PNG chunk whose CRC does not match, or None.
+
+    Written here because Pillow skips the CRCs of image data (IDAT) chunks, and some corrupt
+    bytes then decode without an error into wrong pixels. zlib.crc32 is the PNG chunk CRC.
+    """
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None  # truncated: Pillow reports it
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return f"corrupt PNG: CRC mismatch in the {kind.decode('latin-1')} chunk at byte {pos}"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return None
+
+
 def decode_image(
     data: bytes, params: IngestParams, *, channels: int, name: str = "<bytes>"
 ) -> Decoded:
@@ -199,6 +231,8 @@ def decode_image(
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    if data.startswith(PNG_SIGNATURE) and (crc_error := _png_crc_error(data)):
+        raise DecodeError(crc_error)
     try:
         with warnings.catch_warnings():
             # The pixel limit is checked explicitly below with ingest.max_pixels.

@@ -38,7 +38,8 @@ from pipeline.store import (
     PREPARED_SCHEMA,
     atomic_output,
     create_images_array,
-    dumps_json,
+    prepared_fingerprint,
+    split_ranges,
     write_json,
 )
 
@@ -263,13 +264,8 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
         _write_sample_arrays(group, kept_files)
         classes = sorted({f.label for f in kept_files if f.label})
         per_split = {s: sum(1 for f in kept_files if f.split == s) for s in SPLITS}
-        bounds, start = {}, 0
-        for s in SPLITS:
-            bounds[s] = [start, start + per_split[s]]
-            start += per_split[s]
-        fingerprint = hashlib.sha256(
-            dumps_json({"manifest_sha256": manifest, "decode": ip.decode_dict()}).encode()
-        ).hexdigest()
+        bounds = split_ranges(np.array([SPLITS.index(f.split) for f in kept_files]))
+        fingerprint = prepared_fingerprint(manifest, ip.decode_dict())
         group.attrs.update(
             {
                 "schema": PREPARED_SCHEMA,

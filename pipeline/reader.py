@@ -12,7 +12,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.statsfile import load_stats
-from pipeline.store import check_complete, read_array
+from pipeline.store import check_complete, check_splits, read_array
 from pipeline.transform import (
     DATASET_MODES,
     PER_IMAGE_MODES,
@@ -77,7 +77,13 @@ class NormalizedDataset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         arrays = self._open()
         i = self._absolute(int(index))
-        image = np.asarray(arrays["images"][i])
+        try:
+            image = np.asarray(arrays["images"][i])
+        except Exception as exc:  # zarr and the codecs raise many types for damaged shards
+            raise StoreError(
+                f"cannot read sample {i} of {self.path}/images: {exc}. The store is damaged; "
+                f"rebuild it (dvc repro) or `dvc checkout` it."
+            ) from exc
         if self.channels_first:
             image = np.ascontiguousarray(image.transpose(2, 0, 1))
         return image, int(arrays["labels"][i])
@@ -157,6 +163,7 @@ def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
     if stats.doc.get("params", {}) != attrs["stats"].get("params"):
         raise StoreError(f"{path}: recorded stats params differ from {stats_json}. {hint}")
     group = zarr.open_group(path, mode="r")
+    check_splits(path, group, attrs.get("splits"))
     images = zarr.open_array(path / "images", mode="r")
     offset, scale = read_array(group, "offset"), read_array(group, "scale")
     mode, scale_kind = attrs.get("mode"), attrs.get("input_scale")
@@ -171,6 +178,7 @@ def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
         "stats.std": (attrs["stats"].get("std"), stats.std.tolist()),
         "stats.fit_split": (attrs["stats"].get("fit_split"), stats.fit_split),
         "stats.count": (attrs["stats"].get("count"), stats.count),
+        "eps": (attrs.get("eps"), attrs.get("params", {}).get("normalize", {}).get("eps")),
     }
     if mode in PER_IMAGE_MODES:
         shape = (images.shape[0], images.shape[-1])

@@ -8,9 +8,11 @@ returns exact partial results.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ def _check_shared(client: Any, paths: Sequence[Path]) -> None:
 def _run_on_cluster(
     tasks: Sequence[Any], address: str, progress: bool, shared: Sequence[Path]
 ) -> list[Any]:
-    from distributed import Client
+    from distributed import Client, as_completed
     from distributed import progress as show_progress
 
     try:
@@ -73,6 +75,8 @@ def _run_on_cluster(
         futures = client.compute(list(tasks))
         if progress and sys.stderr.isatty():
             show_progress(futures)
+        for _ in as_completed(futures, loop=client.loop, raise_errors=False):  # wait for all
+            pass
         return list(client.gather(futures))
 
 
@@ -94,5 +98,21 @@ def run_tasks(
     if "://" in scheduler:
         return _run_on_cluster(tasks, scheduler, progress, shared)
     bar = ProgressBar(out=sys.stderr) if progress and sys.stderr.isatty() else None
-    with bar if bar is not None else contextlib.nullcontext():
-        return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
+    with bar if bar is not None else contextlib.nullcontext(), _pool(scheduler, workers) as pool:
+        # Leaving the pool's context waits for tasks still running when one fails, so none
+        # writes into a temporary folder after the caller has removed it.
+        return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers, pool=pool))
+
+
+@contextlib.contextmanager
+def _pool(scheduler: str, workers: int) -> Iterator[Executor | None]:
+    """An executor we own (and wait for) for the threads and processes schedulers."""
+    if scheduler == "threads":
+        with ThreadPoolExecutor(workers) as pool:
+            yield pool
+    elif scheduler == "processes":
+        context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            yield pool
+    else:
+        yield None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pipeline.statsfile import (
     tree_sha256,
     write_arrays,
 )
-from pipeline.store import atomic_output, atomic_write_text, dumps_json, open_prepared
+from pipeline.store import atomic_output, dumps_json, open_prepared
 
 __all__ = ["fit_range", "run_stats"]
 
@@ -167,11 +168,15 @@ def run_stats(
     )
     fit = aggregate(moments, params.stats.percentiles)
     doc = _document(fit, params, store.fingerprint, store.images.shape[0])
-    # stats.zarr first, then stats.json naming its digest: a run killed in between leaves a
-    # pair that load_stats refuses, never one that silently disagrees.
+    # The folder is published with one rename, so stats.json and stats.zarr always match.
     out_dir = Path(out_dir)
-    with atomic_output(out_dir / STATS_ZARR) as tmp:
-        write_arrays(tmp, fit, moments, zero_std=params.stats.zero_std, eps=params.stats.eps)
-        doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp)}
-    atomic_write_text(out_dir / STATS_JSON, dumps_json(doc))
+    with atomic_output(out_dir) as tmp:
+        ignore = out_dir / ".gitignore"  # written by DVC: not ours, carried over
+        if ignore.is_file():
+            shutil.copy2(ignore, tmp / ".gitignore")
+        write_arrays(
+            tmp / STATS_ZARR, fit, moments, zero_std=params.stats.zero_std, eps=params.stats.eps
+        )
+        doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp / STATS_ZARR)}
+        (tmp / STATS_JSON).write_text(dumps_json(doc), encoding="ascii")
     return doc

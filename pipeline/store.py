@@ -27,11 +27,11 @@ __all__ = [
     "PREPARED_SCHEMA",
     "PreparedStore",
     "atomic_output",
-    "atomic_write_text",
     "check_complete",
     "create_images_array",
     "dumps_json",
     "open_prepared",
+    "prepared_fingerprint",
     "read_array",
     "sha256_file",
     "write_json",
@@ -96,19 +96,6 @@ def atomic_output(dest: Path) -> Iterator[Path]:
             old.unlink()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        leftover.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.write_text(text, encoding="ascii")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def compressors_for(codec: str, level: int) -> Any:
     """Zarr v3 byte codecs for ``ingest.codec``."""
     if codec == "none":
@@ -162,6 +149,33 @@ def check_complete(array: zarr.Array, array_dir: Path) -> None:
             f"{array_dir} is incomplete: {len(bad)} shard file(s) missing or empty "
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Re-run the stage that "
             f"wrote it (dvc repro), or `dvc checkout` it."
+        )
+
+
+def prepared_fingerprint(manifest_sha256: str, decode: Any) -> str:
+    """sha256 identifying prepared data: its manifest and the params that changed pixels."""
+    doc = {"manifest_sha256": manifest_sha256, "decode": decode}
+    return hashlib.sha256(dumps_json(doc).encode()).hexdigest()
+
+
+def split_ranges(codes: np.ndarray, names: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """{name: [start, stop]} of a split-code array ordered by split (what the attrs record)."""
+    bounds, start = {}, 0
+    for code, name in enumerate(names):
+        count = int(np.count_nonzero(codes == code))
+        bounds[name] = [start, start + count]
+        start += count
+    return bounds
+
+
+def check_splits(path: Path, group: zarr.Group, recorded: Any) -> None:
+    """Raise StoreError unless the ``splits`` attribute describes the ``split`` array."""
+    codes = read_array(group, "split")
+    ordered = bool(np.all(codes[:-1] <= codes[1:])) if codes.size else True
+    if not ordered or split_ranges(codes) != recorded:
+        raise StoreError(
+            f"{path}: the splits attribute {recorded!r} does not match its split array; the "
+            f"store was edited. Re-run the stage that wrote it (dvc repro) or `dvc checkout` it."
         )
 
 
@@ -248,4 +262,15 @@ def open_prepared(path: Path) -> PreparedStore:
             f"prepared store holds uint8 (255) or uint16 (65535). Re-run `pipeline ingest`."
         )
     check_complete(images, path / "images")
+    check_splits(path, group, attrs.get("splits"))
+    manifest = path.parent / "manifest.jsonl"
+    if manifest.is_file():  # beside the store in a prepared folder: the fingerprint must hold
+        digest = sha256_file(manifest)
+        if digest != attrs.get("manifest_sha256") or prepared_fingerprint(
+            digest, attrs.get("decode")
+        ) != attrs.get("fingerprint"):
+            raise StoreError(
+                f"{path}: its fingerprint does not match {manifest} and its decode params; the "
+                f"store or manifest was edited. Re-run `pipeline ingest` (dvc repro)."
+            )
     return PreparedStore(path=path, images=images, attrs=attrs)

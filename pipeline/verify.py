@@ -16,6 +16,7 @@ from pipeline.params import BaseParams
 from pipeline.reader import check_lineage, normalized_store_path
 from pipeline.runner import run_tasks
 from pipeline.statsfile import load_stats
+from pipeline.store import open_prepared
 from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants
 
 __all__ = ["VerifyReport", "verify_store"]
@@ -90,6 +91,17 @@ def verify_store(
     prepared = (store / attrs["prepared"]["path"]).resolve()
     if not (prepared / "zarr.json").is_file():
         report.problems.append(f"the prepared store {prepared} named in the lineage is missing")
+        return report
+    try:
+        source = open_prepared(prepared)
+    except PipelineError as exc:
+        report.problems.append(str(exc))
+        return report
+    if source.fingerprint != attrs["prepared"]["fingerprint"]:
+        report.problems.append(
+            f"the lineage names prepared data {attrs['prepared']['fingerprint'][:12]}, but "
+            f"{prepared} holds {source.fingerprint[:12]}"
+        )
         return report
     n = int(zarr.open_array(store / "images", mode="r").shape[0])
     if sample is None or sample >= n:

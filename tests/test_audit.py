@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from conftest import make_dvc_repo, run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,8 +19,6 @@ from pipeline.audit import audit_revisions, js_distance
 from pipeline.cli import app
 from pipeline.plots import write_audit_plots
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 runner = CliRunner()
 
 REPORT_STAGE = {
@@ -47,12 +43,6 @@ PLOTS = [
 TAGS = ["v1", "v2", "v3"]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 def add_images(folder: Path, n: int, low: int, high: int, seed: int) -> None:
     """n noise PNGs, 48x32 (not square, so `resize: pad` adds black bars), values in [low, high)."""
     rng = np.random.default_rng(seed)
@@ -66,34 +56,22 @@ def add_images(folder: Path, n: int, low: int, high: int, seed: int) -> None:
 def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """init commit (no stats); v1; v2 = brighter images added; v3 = `ingest.resize: pad`."""
     base = tmp_path_factory.mktemp("audit")
-    work, home = base / "repo", base / "home"
-    work.mkdir()
-    home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    for stage in ("sample", "normalize"):  # not needed here: keep the repro runs short
-        dvc["stages"].pop(stage, None)
-    dvc["stages"].setdefault("report", REPORT_STAGE)  # the project's own once dvc.yaml has them
-    dvc.setdefault("plots", PLOTS)
-    (work / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-    shutil.copytree(
-        ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+
+    def edit_dvc(dvc: dict[str, Any]) -> None:
+        for stage in ("sample", "normalize"):  # not needed here: keep the repro runs short
+            dvc["stages"].pop(stage, None)
+        dvc["stages"].setdefault("report", REPORT_STAGE)  # the project's own once dvc.yaml has them
+        dvc.setdefault("plots", PLOTS)
+
+    repo = make_dvc_repo(
+        base,
+        {
+            "base": {"scheduler": "synchronous"},
+            "ingest": {"source": "data/images", "image_size": [32, 32]},
+        },
+        edit_dvc,
     )
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["base"]["scheduler"] = "synchronous"
-    params["ingest"].update(source="data/images", image_size=[32, 32])
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], work, env)
-    run(["dvc", "init", "-q"], work, env)
+    work, home, env, params = repo.work, repo.home, repo.env, repo.params
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "init"], work, env)
     docs, histograms = {}, {}
@@ -110,7 +88,9 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         run(["git", "add", "-A"], work, env)
         run(["git", "commit", "-qm", tag], work, env)
         run(["git", "tag", tag], work, env)
-        docs[tag] = json.loads(run(["git", "show", f"{tag}:data/stats/stats.json"], work, env))
+        docs[tag] = json.loads(
+            run(["git", "show", f"{tag}:data/stats/stats.json"], work, env, include_stderr=False)
+        )
         group = zarr.open_group(work / "data" / "stats" / "stats.zarr", mode="r")
         histograms[tag] = np.asarray(group["histogram"][...])
     return {"work": work, "home": home, "env": env, "docs": docs, "histograms": histograms}

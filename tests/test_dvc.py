@@ -2,53 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+from conftest import make_dvc_repo, run
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A git + DVC repo holding this project's dvc.yaml, params.yaml and code, small sample."""
-    work = tmp_path / "repo"
-    work.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", work)
-    shutil.copytree(
-        ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    made = make_dvc_repo(
+        tmp_path, {"sample": {"images_per_class": 4}, "ingest": {"image_size": [32, 32]}}
     )
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sample"]["images_per_class"] = 4
-    params["ingest"]["image_size"] = [32, 32]
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
-    run(["git", "init", "-q"], work, env)
-    run(["dvc", "init", "-q"], work, env)
-    return work, env
+    return made.work, made.env
 
 
 def mtimes(folder: Path) -> dict[str, int]:

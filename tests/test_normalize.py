@@ -1,9 +1,10 @@
 """Normalize stage end to end: real PNG files, real ingest and stats, real Zarr stores on disk.
 
 Every stored value is compared bit for bit with a numpy float64 reference computed in this file
-from the prepared pixels (statistics of the train split, or each image's own), rounded once to
-the output dtype. Layout, lineage attributes, determinism across Dask schedulers and atomic
-publish are checked on the files themselves.
+(and conftest.py's ``oracle_dataset_constants``) from the prepared pixels (statistics of the
+train split, or each image's own), rounded once to the output dtype. Layout, lineage
+attributes, determinism across Dask schedulers and atomic publish are checked on the files
+themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,104 +22,24 @@ import numpy as np
 import PIL
 import pytest
 import zarr
-from PIL import Image
+from conftest import (
+    CHUNK,
+    MODES,
+    PER_IMAGE,
+    SHARD,
+    Fitted,
+    H,
+    W,
+    assert_bits_equal,
+    oracle_dataset_constants,
+)
 
 import pipeline
 from pipeline.errors import PipelineError, StoreError
-from pipeline.ingest import run_ingest
 from pipeline.normalize import run_normalize
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
 
-MODES = (
-    "per_channel",
-    "per_pixel",
-    "global",
-    "per_image",
-    "per_image_per_channel",
-    "mean_only",
-    "min_max",
-)
-PER_IMAGE = ("per_image", "per_image_per_channel")
-H, W = 12, 10
-CHUNK, SHARD = 2, 4
-
-
-# --- real inputs, built once per module ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fitted:
-    """A prepared folder and its stats folder, with the prepared pixels read back by zarr."""
-
-    prepared: Path  # the folder holding images.zarr
-    stats: Path
-    images: np.ndarray  # (n, H, W, C) uint8 / uint16
-    train: np.ndarray
-    pixel_max: int
-
-
-def write_rgb_source(root: Path) -> None:
-    """30 lossless PNGs in 3 class folders; pixel (0, 0) is the same in every image (zero
-    per-pixel std) and one image is a single constant colour (zero per-image std)."""
-    rng = np.random.default_rng(1234)
-    for cls in ("ant", "bee", "cow"):
-        (root / cls).mkdir(parents=True)
-        for i in range(10):
-            a = np.stack(
-                [
-                    rng.integers(30, 221, (H, W)),
-                    rng.integers(0, 256, (H, W)),
-                    rng.integers(60, 100, (H, W)),
-                ],
-                axis=-1,
-            ).astype(np.uint8)
-            a[0, 0] = 60
-            if cls == "cow" and i == 0:
-                a[...] = 60
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def write_gray16_source(root: Path) -> None:
-    """14 16-bit gray PNGs with values that are not multiples of 257."""
-    rng = np.random.default_rng(99)
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(7):
-            a = rng.integers(1000, 64001, (H, W)).astype(np.uint16)
-            a[0, 0] = 4321
-            if cls == "b" and i == 0:
-                a[...] = 4321
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def build(tmp: Path, write_source: Any, **ingest: object) -> Fitted:
-    src = tmp / "src"
-    write_source(src)
-    p = parse_params(
-        {
-            "base": {"scheduler": "synchronous"},
-            "ingest": {"image_size": None, "chunk_images": CHUNK, "shard_images": SHARD, **ingest},
-        }
-    )
-    run_ingest(src, tmp / "prepared", p)
-    run_stats(tmp / "prepared" / "images.zarr", tmp / "stats", p)
-    group = zarr.open_group(tmp / "prepared" / "images.zarr", mode="r")
-    images = np.asarray(group["images"][...])
-    start, stop = group.attrs["splits"]["train"]
-    return Fitted(
-        tmp / "prepared", tmp / "stats", images, images[start:stop], int(np.iinfo(images.dtype).max)
-    )
-
-
-@pytest.fixture(scope="module")
-def rgb8(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("rgb8"), write_rgb_source)
-
-
-@pytest.fixture(scope="module")
-def gray16(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("gray16"), write_gray16_source, bit_depth=16, color="gray")
+# rgb8 / gray16 (real prepared + stats folders, built once per module): see conftest.py
 
 
 def normalize(
@@ -170,21 +90,7 @@ def oracle_constants(
             np.stack([r.mean(axis=0) for r in rows]),
             np.stack([r.std(axis=0) for r in rows]) + eps,
         )
-    x = fx.train.astype(np.float64)
-    c = x.shape[-1]
-    if mode == "per_channel":
-        offset, scale = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
-    elif mode == "per_pixel":
-        offset, scale = x.mean(axis=0), x.std(axis=0)
-    elif mode == "global":
-        offset, scale = np.full(c, x.mean()), np.full(c, x.std())
-    elif mode == "mean_only":
-        return x.mean(axis=(0, 1, 2)) / d, np.ones(c)
-    else:  # min_max
-        lo, hi = x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2))
-        offset, scale = lo, hi - lo
-    scale = np.where(scale > 0, scale, 1.0)  # stats.zero_std: one
-    return offset / d, scale / d
+    return oracle_dataset_constants(mode, fx.train, d)
 
 
 def oracle(mode: str, fx: Fitted, d: float, dtype: str) -> np.ndarray:
@@ -194,17 +100,6 @@ def oracle(mode: str, fx: Fitted, d: float, dtype: str) -> np.ndarray:
     if mode in PER_IMAGE:
         offset, scale = offset[:, None, None, :], scale[:, None, None, :]
     return ((x - offset) / scale).astype(dtype)
-
-
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    uint = np.dtype(f"u{actual.dtype.itemsize}")
-    diff = actual.view(uint) != expected.view(uint)
-    assert not diff.any(), (
-        f"{int(diff.sum())} of {diff.size} values differ; first at "
-        f"{np.argwhere(diff)[0].tolist()}: {actual[diff][0]!r} != {expected[diff][0]!r}"
-    )
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -14,112 +14,22 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-from PIL import Image
+from conftest import MODES, PER_IMAGE, Fitted, H, W
 
 from pipeline import open_normalized
 from pipeline.errors import StoreError
-from pipeline.ingest import run_ingest
 from pipeline.normalize import run_normalize
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
 
-MODES = (
-    "per_channel",
-    "per_pixel",
-    "global",
-    "per_image",
-    "per_image_per_channel",
-    "mean_only",
-    "min_max",
-)
 DATASET_MODES = ("per_channel", "per_pixel", "global", "mean_only", "min_max")
-PER_IMAGE = ("per_image", "per_image_per_channel")
-H, W = 12, 10
 
-
-# --- real inputs, built once per module ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fitted:
-    prepared: Path
-    stats: Path
-    images: np.ndarray  # prepared pixels, read back with zarr
-    labels: np.ndarray
-    splits: dict[str, list[int]]
-    classes: list[str]
-
-
-def write_rgb_source(root: Path) -> None:
-    """30 lossless PNGs in 3 class folders, one of them a constant colour."""
-    rng = np.random.default_rng(1234)
-    for cls in ("ant", "bee", "cow"):
-        (root / cls).mkdir(parents=True)
-        for i in range(10):
-            a = np.stack(
-                [
-                    rng.integers(30, 221, (H, W)),
-                    rng.integers(0, 256, (H, W)),
-                    rng.integers(60, 100, (H, W)),
-                ],
-                axis=-1,
-            ).astype(np.uint8)
-            a[0, 0] = 60
-            if cls == "cow" and i == 0:
-                a[...] = 60
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def write_gray16_source(root: Path) -> None:
-    """14 16-bit gray PNGs with values that are not multiples of 257."""
-    rng = np.random.default_rng(99)
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(7):
-            a = rng.integers(1000, 64001, (H, W)).astype(np.uint16)
-            a[0, 0] = 4321
-            if cls == "b" and i == 0:
-                a[...] = 4321
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def build(tmp: Path, write_source: Any, **ingest: object) -> Fitted:
-    src = tmp / "src"
-    write_source(src)
-    p = parse_params(
-        {
-            "base": {"scheduler": "synchronous"},
-            "ingest": {"image_size": None, "chunk_images": 2, "shard_images": 4, **ingest},
-        }
-    )
-    run_ingest(src, tmp / "prepared", p)
-    run_stats(tmp / "prepared" / "images.zarr", tmp / "stats", p)
-    group = zarr.open_group(tmp / "prepared" / "images.zarr", mode="r")
-    return Fitted(
-        tmp / "prepared",
-        tmp / "stats",
-        np.asarray(group["images"][...]),
-        np.asarray(group["label"][...]),
-        dict(group.attrs["splits"]),
-        list(group.attrs["classes"]),
-    )
-
-
-@pytest.fixture(scope="module")
-def rgb8(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("rgb8"), write_rgb_source)
-
-
-@pytest.fixture(scope="module")
-def gray16(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("gray16"), write_gray16_source, bit_depth=16, color="gray")
+# rgb8 / gray16 (real prepared + stats folders, built once per module): see conftest.py
 
 
 def normalize(

@@ -1,24 +1,18 @@
-"""Normalization modes as pure functions against a numpy float64 oracle written here.
+"""Normalization modes as pure functions against a numpy float64 oracle written in the tests.
 
 The data are real: Pillow-made PNG files go through the real ingest and stats stages, and the
 dataset-statistics modes take their constants from ``load_stats`` of that stats folder. Every
-expected value is computed from the pixels with numpy float64 in this file, then rounded once
+expected value is computed from the pixels with numpy float64 in this file (the
+dataset-statistics constants by conftest.py's ``oracle_dataset_constants``), then rounded once
 to the output dtype, and compared bit for bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pytest
-import zarr
-from PIL import Image
+from conftest import MODES, Fitted, H, W, assert_bits_equal, oracle_dataset_constants
 
-from pipeline.ingest import run_ingest
-from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
 from pipeline.statsfile import Stats, load_stats
 from pipeline.transform import (
     DATASET_MODES,
@@ -30,94 +24,12 @@ from pipeline.transform import (
     per_image_constants,
 )
 
-MODES = (
-    "per_channel",
-    "per_pixel",
-    "global",
-    "per_image",
-    "per_image_per_channel",
-    "mean_only",
-    "min_max",
-)
 SCALES = ("pixel", "unit")
 DTYPES = ("float32", "float16")
 EPS = 1e-6
-H, W = 12, 10  # not square, so a transposed axis would show
 
 
-# --- real stores built once per module -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fitted:
-    """A prepared store read back with plain zarr, and its stats folder."""
-
-    images: np.ndarray  # (n, H, W, C) uint8 / uint16, all splits
-    train: np.ndarray  # the train split: what the stats were fitted on
-    stats_dir: Path
-    pixel_max: int
-
-
-def write_rgb_source(root: Path) -> None:
-    """30 lossless PNGs in 3 class folders; pixel (0, 0) is the same in every image (zero
-    per-pixel std) and one image is a single constant colour (zero per-image std)."""
-    rng = np.random.default_rng(1234)
-    for cls in ("ant", "bee", "cow"):
-        (root / cls).mkdir(parents=True)
-        for i in range(10):
-            a = np.stack(
-                [
-                    rng.integers(30, 221, (H, W)),  # min/max away from 0/255
-                    rng.integers(0, 256, (H, W)),
-                    rng.integers(60, 100, (H, W)),
-                ],
-                axis=-1,
-            ).astype(np.uint8)
-            a[0, 0] = 60
-            if cls == "cow" and i == 0:
-                a[...] = 60
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def write_gray16_source(root: Path) -> None:
-    """14 16-bit gray PNGs with values that are not multiples of 257 (true 16-bit data)."""
-    rng = np.random.default_rng(99)
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(7):
-            a = rng.integers(1000, 64001, (H, W)).astype(np.uint16)
-            a[0, 0] = 4321
-            if cls == "b" and i == 0:
-                a[...] = 4321
-            Image.fromarray(a).save(root / cls / f"{i:02d}.png")
-
-
-def build(tmp: Path, write_source: object, **ingest: object) -> Fitted:
-    src = tmp / "src"
-    write_source(src)  # type: ignore[operator]
-    p = parse_params(
-        {
-            "base": {"scheduler": "synchronous"},
-            "ingest": {"image_size": None, "chunk_images": 2, "shard_images": 4, **ingest},
-        }
-    )
-    run_ingest(src, tmp / "prepared", p)
-    run_stats(tmp / "prepared" / "images.zarr", tmp / "stats", p)
-    group = zarr.open_group(tmp / "prepared" / "images.zarr", mode="r")
-    images = np.asarray(group["images"][...])
-    start, stop = group.attrs["splits"]["train"]
-    pixel_max = int(np.iinfo(images.dtype).max)
-    return Fitted(images, images[start:stop], tmp / "stats", pixel_max)
-
-
-@pytest.fixture(scope="module")
-def rgb8(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("rgb8"), write_rgb_source)
-
-
-@pytest.fixture(scope="module")
-def gray16(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return build(tmp_path_factory.mktemp("gray16"), write_gray16_source, bit_depth=16, color="gray")
+# --- real stores built once per module: rgb8 / gray16 in conftest.py ----------------------------
 
 
 @pytest.fixture(params=["uint8", "uint16"])
@@ -126,27 +38,6 @@ def fitted(request: pytest.FixtureRequest) -> Fitted:
 
 
 # --- the oracle --------------------------------------------------------------------------------
-
-
-def oracle_dataset_constants(
-    mode: str, train: np.ndarray, d: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """offset and scale in input-scale units, from the train pixels with numpy float64."""
-    x = train.astype(np.float64)
-    c = x.shape[-1]
-    if mode == "per_channel":
-        offset, scale = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
-    elif mode == "per_pixel":
-        offset, scale = x.mean(axis=0), x.std(axis=0)
-    elif mode == "global":
-        offset, scale = np.full(c, x.mean()), np.full(c, x.std())
-    elif mode == "mean_only":
-        return x.mean(axis=(0, 1, 2)) / d, np.ones(c)
-    else:  # min_max: (x - min) / (max - min) per channel
-        lo, hi = x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2))
-        offset, scale = lo, hi - lo
-    scale = np.where(scale > 0, scale, 1.0)  # stats.zero_std: one (the default)
-    return offset / d, scale / d
 
 
 def oracle_apply(block: np.ndarray, mode: str, train: np.ndarray, d: float) -> np.ndarray:
@@ -172,18 +63,6 @@ def code_constants(mode: str, stats: Stats, block: np.ndarray, scale: str) -> Co
     return dataset_constants(mode, stats, scale)
 
 
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Same dtype, shape and bit pattern (so -0.0 vs 0.0 or a NaN would show)."""
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    uint = np.dtype(f"u{actual.dtype.itemsize}")
-    diff = actual.view(uint) != expected.view(uint)
-    assert not diff.any(), (
-        f"{int(diff.sum())} of {diff.size} values differ; first at "
-        f"{np.argwhere(diff)[0].tolist()}: {actual[diff][0]!r} != {expected[diff][0]!r}"
-    )
-
-
 # --- tests -------------------------------------------------------------------------------------
 
 
@@ -202,7 +81,7 @@ def test_the_data_exercise_the_edge_cases(rgb8: Fitted, gray16: Fitted) -> None:
 
 def test_load_stats_agrees_with_the_oracle(fitted: Fitted) -> None:
     """The constants dataset_constants starts from are the train split's numpy statistics."""
-    stats = load_stats(fitted.stats_dir)
+    stats = load_stats(fitted.stats)
     x = fitted.train.astype(np.float64)
     np.testing.assert_array_equal(stats.mean, x.mean(axis=(0, 1, 2)))  # exact integer sums
     np.testing.assert_allclose(stats.std, x.std(axis=(0, 1, 2)), rtol=1e-14, atol=0)
@@ -218,7 +97,7 @@ def test_load_stats_agrees_with_the_oracle(fitted: Fitted) -> None:
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("mode", MODES)
 def test_apply_equals_float64_reference(fitted: Fitted, mode: str, scale: str, dtype: str) -> None:
-    stats = load_stats(fitted.stats_dir)
+    stats = load_stats(fitted.stats)
     block = fitted.images  # every split: the train-fitted constants apply to all of them
     d = float(fitted.pixel_max) if scale == "unit" else 1.0
     expected = oracle_apply(block, mode, fitted.train, d).astype(dtype)
@@ -230,7 +109,7 @@ def test_apply_equals_float64_reference(fitted: Fitted, mode: str, scale: str, d
 @pytest.mark.parametrize("mode", MODES)
 def test_apply_is_blockwise(rgb8: Fitted, mode: str) -> None:
     """Any split of the samples into blocks gives the same values (what the stage relies on)."""
-    stats = load_stats(rgb8.stats_dir)
+    stats = load_stats(rgb8.stats)
     whole = apply(rgb8.images, code_constants(mode, stats, rgb8.images, "unit"), "float32")
     for size in (1, 3, 4, 7):
         for a in range(0, len(rgb8.images), size):
@@ -249,7 +128,7 @@ def test_invert_recovers_the_pixels_exactly(
     rgb8: Fitted, gray16: Fitted, mode: str, scale: str, bits: str, dtype: str
 ) -> None:
     f = rgb8 if bits == "uint8" else gray16
-    stats = load_stats(f.stats_dir)
+    stats = load_stats(f.stats)
     constants = code_constants(mode, stats, f.images, scale)
     back = invert(apply(f.images, constants, dtype), constants, f.pixel_max)
     assert back.dtype == f.images.dtype
@@ -259,7 +138,7 @@ def test_invert_recovers_the_pixels_exactly(
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("mode", DATASET_MODES)
 def test_dataset_constants_match_the_oracle(rgb8: Fitted, mode: str, scale: str) -> None:
-    k = dataset_constants(mode, load_stats(rgb8.stats_dir), scale)
+    k = dataset_constants(mode, load_stats(rgb8.stats), scale)
     offset, scale_ = oracle_dataset_constants(
         mode, rgb8.train, 255.0 if scale == "unit" else 1.0
     )
@@ -271,7 +150,7 @@ def test_dataset_constants_match_the_oracle(rgb8: Fitted, mode: str, scale: str)
 @pytest.mark.parametrize("mode", PER_IMAGE_MODES)
 def test_dataset_constants_refuses_per_image_modes(rgb8: Fitted, mode: str) -> None:
     with pytest.raises(ValueError, match="does not use dataset statistics"):
-        dataset_constants(mode, load_stats(rgb8.stats_dir), "pixel")
+        dataset_constants(mode, load_stats(rgb8.stats), "pixel")
 
 
 @pytest.mark.parametrize("mode", PER_IMAGE_MODES)
