@@ -162,7 +162,8 @@ def _to_store_mode(im: Image.Image, params: IngestParams, channels: int) -> Imag
         # Resized as 32-bit "I" so 16-bit values stay exact; widened to 3 channels at the end.
         return im if im.mode == "I" else im.convert("I")
     im = _flatten_alpha(im, params)
-    return im.convert("RGB" if channels == 3 else "L")
+    target = "RGB" if channels == 3 else "L"
+    return im if im.mode == target else im.convert(target)  # convert() always copies
 
 
 def _resize(im: Image.Image, params: IngestParams) -> Image.Image:
@@ -255,7 +256,8 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     try:
-        upright: Image.Image = ImageOps.exif_transpose(im)
+        # exif_transpose copies even when there is nothing to turn: skip it then.
+        upright: Image.Image = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
         converted = _resize(_to_store_mode(upright, params, channels), params)
         pixels = _to_array(converted, params, channels)
     except (OSError, ValueError) as exc:

@@ -20,6 +20,7 @@ import dask
 from dask.diagnostics import ProgressBar
 
 from pipeline.errors import PipelineError
+from pipeline.memory import tune_malloc
 from pipeline.params import BaseParams, parse_scheduler
 
 __all__ = ["SCHEDULER_ENV", "resolve_scheduler", "run_tasks"]
@@ -94,6 +95,7 @@ def run_tasks(
     """
     if not tasks:
         return []
+    tune_malloc()
     scheduler, workers = resolve_scheduler(base, kind)
     if "://" in scheduler:
         return _run_on_cluster(tasks, scheduler, progress, shared)
