@@ -277,7 +277,8 @@ def build_store(template: Path, dest: Path, n: int, seed: int) -> None:
 def make_view(store: Path, dest: Path, n_train: int) -> Path:
     """A prepared store whose train split is the first ``n_train`` images of ``store``.
 
-    Only the group's zarr.json is new; the arrays are symlinks to ``store``'s.
+    The group's zarr.json and its ``split`` array are new (the stage checks that they agree);
+    the other arrays are symlinks to ``store``'s.
     """
     dest.mkdir(parents=True)
     meta = json.loads((store / "zarr.json").read_text())
@@ -286,8 +287,12 @@ def make_view(store: Path, dest: Path, n_train: int) -> Path:
                                     "test": [n, n]}
     (dest / "zarr.json").write_text(json.dumps(meta))
     for child in store.iterdir():
-        if child.is_dir():
+        if child.is_dir() and child.name != "split":
             (dest / child.name).symlink_to(child.resolve(), target_is_directory=True)
+    codes = np.where(np.arange(n) < n_train, 0, 1).astype(np.uint8)
+    split = zarr.open_group(dest, mode="r+").create_array(
+        "split", shape=(n,), chunks=(n,), dtype="uint8", dimension_names=("sample",))
+    split[:] = codes
     return dest
 
 
