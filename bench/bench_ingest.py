@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -280,13 +279,10 @@ VARIANTS = [
 
 def make_params(src: Path, size: int, config: Config) -> Any:
     """Parsed pipeline params for ``config`` with no resize."""
-    from pipeline.params import IngestParams, parse_params
+    from pipeline.params import parse_params
 
-    # The key was renamed from ``size`` to ``image_size`` (DVC's run-cache ignores ``size``).
-    fields = {f.name for f in dataclasses.fields(IngestParams)}
-    size_key = "image_size" if "image_size" in fields else "size"
     raw = {
-        "ingest": {size_key: [size, size], "source": str(src), **config.ingest},
+        "ingest": {"image_size": [size, size], "source": str(src), **config.ingest},
         "base": {"scheduler": "auto", **config.base},
     }
     return parse_params(raw)
