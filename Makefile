@@ -36,3 +36,5 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_normalize.py
