@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cpuload import own_cpu, proc_stat
 from PIL import Image, ImageDraw
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -416,20 +417,6 @@ def measure_peak(src: Path, out: Path, size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- orchestration
 
 
-def _proc_stat() -> tuple[int, int]:
-    """(busy, steal) jiffies of the whole machine from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return (0, 0)
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq, steal)
-
-
-def _own_cpu() -> float:
-    """CPU seconds of this process and its waited-for children (Dask and baseline workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 @dataclass(frozen=True)
@@ -445,13 +432,13 @@ class Sample:
 def measure(fn: Callable[[], None]) -> Sample:
     """Time ``fn`` and account the machine's CPU use meanwhile."""
     hz = os.sysconf("SC_CLK_TCK")
-    busy0, steal0 = _proc_stat()
-    own0 = _own_cpu()
+    busy0, steal0 = proc_stat()
+    own0 = own_cpu()
     t0 = time.perf_counter()
     fn()
     wall = time.perf_counter() - t0
-    busy1, steal1 = _proc_stat()
-    own = _own_cpu() - own0
+    busy1, steal1 = proc_stat()
+    own = own_cpu() - own0
     foreign = max(0.0, (busy1 - busy0) / hz - own) / wall
     return Sample(wall, own, foreign, (steal1 - steal0) / hz / wall)
 
@@ -464,10 +451,10 @@ def wait_idle(max_wait: float, threshold: float = 0.3) -> float:
     hz = os.sysconf("SC_CLK_TCK")
     t0 = time.perf_counter()
     while True:
-        busy0, _ = _proc_stat()
-        own0 = _own_cpu()
+        busy0, _ = proc_stat()
+        own0 = own_cpu()
         time.sleep(0.5)
-        load = max(0.0, (_proc_stat()[0] - busy0) / hz - (_own_cpu() - own0)) / 0.5
+        load = max(0.0, (proc_stat()[0] - busy0) / hz - (own_cpu() - own0)) / 0.5
         if load < threshold or time.perf_counter() - t0 >= max_wait:
             return load
 

@@ -59,6 +59,7 @@ from typing import Any
 import dask
 import numpy as np
 import zarr
+from cpuload import own_cpu, proc_stat
 from PIL import Image, ImageDraw
 
 import pipeline.normalize as normalize_module
@@ -122,31 +123,18 @@ def machine_facts() -> dict[str, Any]:
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _proc_stat() -> tuple[int, int]:
-    """(busy, steal) jiffies of the whole machine since boot."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return (0, 0)
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq, steal)
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float, float, float, Any]:
     """(wall s, own CPU s, foreign load in cores, steal in cores, result) of one call."""
     hz = os.sysconf("SC_CLK_TCK")
-    busy0, steal0 = _proc_stat()
-    own0 = _own_cpu()
+    busy0, steal0 = proc_stat()
+    own0 = own_cpu()
     t0 = time.perf_counter()
     result = fn()
     wall = time.perf_counter() - t0
-    busy1, steal1 = _proc_stat()
-    own = _own_cpu() - own0
+    busy1, steal1 = proc_stat()
+    own = own_cpu() - own0
     foreign = max(0.0, (busy1 - busy0) / hz - own) / wall
     return wall, own, foreign, (steal1 - steal0) / hz / wall, result
 
@@ -156,9 +144,9 @@ def wait_idle(max_wait: float, threshold: float = 0.3) -> float:
     hz = os.sysconf("SC_CLK_TCK")
     t0 = time.perf_counter()
     while True:
-        busy0, own0 = _proc_stat()[0], _own_cpu()
+        busy0, own0 = proc_stat()[0], own_cpu()
         time.sleep(0.5)
-        load = max(0.0, (_proc_stat()[0] - busy0) / hz - (_own_cpu() - own0)) / 0.5
+        load = max(0.0, (proc_stat()[0] - busy0) / hz - (own_cpu() - own0)) / 0.5
         if load < threshold or time.perf_counter() - t0 >= max_wait:
             return load
 
