@@ -7,7 +7,6 @@ PipelineError becomes one message on stderr and exit status 1.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
+from pipeline.params import load_params
 
 app = typer.Typer(
     name="pipeline",
@@ -56,10 +55,6 @@ def _reports_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _params(path: Path | None) -> Params:
-    return load_params(path)
-
-
 @app.command()
 @_reports_errors
 def sample(
@@ -70,7 +65,7 @@ def sample(
     from pipeline.sample import write_sample
     from pipeline.store import atomic_output
 
-    p = _params(params).sample
+    p = load_params(params).sample
     with atomic_output(out_dir) as tmp:
         n = write_sample(tmp, seed=p.seed, images_per_class=p.images_per_class)
     typer.echo(f"sample: wrote {n} images to {out_dir}")
@@ -88,7 +83,7 @@ def ingest(
     """Decode SOURCE into the sharded Zarr store OUT/images.zarr with its manifest."""
     from pipeline.ingest import run_ingest
 
-    result = run_ingest(source, out, _params(params), progress=True)
+    result = run_ingest(source, out, load_params(params), progress=True)
     splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
     typer.echo(f"ingest: {result.count} images ({splits}) -> {out}/images.zarr")
     if result.rejected:
@@ -109,7 +104,7 @@ def stats(
     """Fit exact statistics on the stats.fit_split split of PREPARED, in one chunked pass."""
     from pipeline.stats_stage import run_stats
 
-    doc = run_stats(prepared / "images.zarr", out_dir, _params(params), progress=True)
+    doc = run_stats(prepared / "images.zarr", out_dir, load_params(params), progress=True)
     per = doc["channels"]
     summary = ", ".join(f"{c} {per[c]['mean']:.3f}/{per[c]['std']:.3f}" for c in per)
     typer.echo(
@@ -129,7 +124,7 @@ def normalize(
     """Apply the fitted statistics to every split of PREPARED: OUT/images.zarr with lineage."""
     from pipeline.normalize import run_normalize
 
-    lineage = run_normalize(prepared, stats_dir, out, _params(params), progress=True)
+    lineage = run_normalize(prepared, stats_dir, out, load_params(params), progress=True)
     typer.echo(
         f"normalize: mode {lineage['mode']}, {lineage['dtype']}, stats "
         f"{lineage['stats']['sha256'][:12]} -> {out}/images.zarr"
@@ -149,7 +144,7 @@ def verify(
     """Recompute STORE from its prepared store and stats; exit 1 on any mismatch."""
     from pipeline.verify import verify_store
 
-    report = verify_store(store, sample=sample, seed=seed, base=_params(params).base)
+    report = verify_store(store, sample=sample, seed=seed, base=load_params(params).base)
     for problem in report.problems:
         typer.echo(f"verify: {problem}", err=True)
     if report.mismatched:
@@ -244,9 +239,3 @@ def report(
 
     written = write_report(stats_dir, out_dir)
     typer.echo(f"report: {', '.join(p.name for p in written)} -> {out_dir}")
-
-
-def main() -> None:
-    """Entry point for the console script."""
-    app(prog_name="pipeline")
-    sys.exit(0)

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
 from pipeline.images import (
+    IMAGE_EXTENSIONS,
     SPLITS,
     DecodeError,
     SourceFile,
@@ -230,7 +231,7 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
     if not files and not broken:
         raise PipelineError(
             f"No image files found under {source} (looked for "
-            f"{', '.join(sorted({'.jpg', '.png', '.tif', '.webp', '.bmp', '.gif'}))} ...)."
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     shape = _probe_shape(source, files, ip)
     with atomic_output(Path(out)) as tmp:

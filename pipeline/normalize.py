@@ -10,12 +10,18 @@ import dask
 import numpy as np
 import zarr
 
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError
 from pipeline.lineage import code_sha256, git_revision, library_versions
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.statsfile import Stats, load_stats
-from pipeline.store import atomic_output, create_images_array, open_prepared, write_small_array
+from pipeline.store import (
+    atomic_output,
+    create_images_array,
+    open_prepared,
+    read_samples,
+    write_small_array,
+)
 from pipeline.transform import (
     PER_IMAGE_MODES,
     Constants,
@@ -61,14 +67,7 @@ def _normalize_shard(
     dtype: str,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Read samples [start, stop), normalize, write them as one whole output shard."""
-    source = zarr.open_array(src, mode="r")
-    try:
-        block = np.asarray(source[start:stop])
-    except Exception as exc:  # zarr and the codecs raise many types for damaged shards
-        raise StoreError(
-            f"cannot read samples {start}..{stop - 1} of {src}: {exc}. The prepared store is "
-            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
-        ) from exc
+    block = read_samples(src, start, stop)
     out, used = expected_block(block, mode, constants, eps, divisor, dtype)
     zarr.open_array(dst, mode="r+")[start:stop] = out
     return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None

@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
@@ -25,7 +25,7 @@ from pipeline.statsfile import (
     tree_sha256,
     write_arrays,
 )
-from pipeline.store import atomic_output, dumps_json, open_prepared
+from pipeline.store import atomic_output, dumps_json, open_prepared, read_samples
 
 __all__ = ["fit_range", "run_stats"]
 
@@ -39,15 +39,7 @@ def fit_range(splits: dict[str, tuple[int, int]], fit_split: str) -> tuple[int, 
 
 def _read_moments(images_path: str, start: int, stop: int) -> Moments:
     """Chunk task: read samples [start, stop) and reduce them to exact moments."""
-    images = zarr.open_array(images_path, mode="r")
-    try:
-        block = images[start:stop]
-    except Exception as exc:  # zarr/numcodecs raise many types for damaged shards
-        raise StoreError(
-            f"cannot read samples {start}..{stop - 1} of {images_path}: {exc}. The store is "
-            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
-        ) from exc
-    return block_moments(np.asarray(block))
+    return block_moments(read_samples(images_path, start, stop))
 
 
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:

@@ -33,6 +33,7 @@ __all__ = [
     "open_prepared",
     "prepared_fingerprint",
     "read_array",
+    "read_samples",
     "sha256_file",
     "write_json",
     "write_small_array",
@@ -177,6 +178,17 @@ def check_splits(path: Path, group: zarr.Group, recorded: Any) -> None:
             f"{path}: the splits attribute {recorded!r} does not match its split array; the "
             f"store was edited. Re-run the stage that wrote it (dvc repro) or `dvc checkout` it."
         )
+
+
+def read_samples(images_path: str, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of a prepared images array, or StoreError naming the damage."""
+    try:
+        return np.asarray(zarr.open_array(images_path, mode="r")[start:stop])
+    except Exception as exc:  # zarr and the codecs raise many types for damaged shards
+        raise StoreError(
+            f"cannot read samples {start}..{stop - 1} of {images_path}: {exc}. The store is "
+            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
+        ) from exc
 
 
 def write_small_array(
