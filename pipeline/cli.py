@@ -86,6 +86,8 @@ def ingest(
     result = run_ingest(source, out, load_params(params), progress=True)
     splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
     typer.echo(f"ingest: {result.count} images ({splits}) -> {out}/images.zarr")
+    if result.from_cache:
+        typer.echo(f"ingest: {result.from_cache} file(s) unchanged, taken from the cache", err=True)
     if result.rejected:
         typer.echo(
             f"ingest: skipped {len(result.rejected)} unusable file(s); reasons in "
@@ -104,7 +106,14 @@ def stats(
     """Fit exact statistics on the stats.fit_split split of PREPARED, in one chunked pass."""
     from pipeline.stats_stage import run_stats
 
-    doc = run_stats(prepared / "images.zarr", out_dir, load_params(params), progress=True)
+    run = run_stats(prepared / "images.zarr", out_dir, load_params(params), progress=True)
+    doc = run.document
+    if run.reused is not None:
+        typer.echo(
+            f"stats: reused the cached fit; reduced {run.reused.added} added and "
+            f"{run.reused.removed} removed image(s)",
+            err=True,
+        )
     per = doc["channels"]
     summary = ", ".join(f"{c} {per[c]['mean']:.3f}/{per[c]['std']:.3f}" for c in per)
     typer.echo(
@@ -239,3 +248,50 @@ def report(
 
     written = write_report(stats_dir, out_dir)
     typer.echo(f"report: {', '.join(p.name for p in written)} -> {out_dir}")
+
+
+cache_app = typer.Typer(
+    help="The local cache that lets ingest and stats reuse work for unchanged files.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir", help="Cache folder (default: $PIPELINE_CACHE_DIR, else ./.pipeline-cache)."
+    ),
+]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**9 else f"{n / 1e6:.1f} MB"
+
+
+@cache_app.command("info")
+@_reports_errors
+def cache_info(directory: CacheDirOption = None) -> None:
+    """Where the cache is, how much it holds and its size limit."""
+    from pipeline.cache import open_cache
+
+    cache = open_cache(directory)
+    if not cache.enabled:
+        typer.echo("cache: off (PIPELINE_CACHE_DIR=off)")
+        return
+    info = cache.info()
+    typer.echo(f"cache: {info.root}")
+    for kind in info.entries:
+        typer.echo(f"  {kind:8} {info.entries[kind]:>8} entries  {_size(info.bytes[kind]):>10}")
+    total = sum(info.bytes.values())
+    typer.echo(f"  total    {_size(total):>28} of {_size(info.limit)} (PIPELINE_CACHE_LIMIT)")
+
+
+@cache_app.command("clear")
+@_reports_errors
+def cache_clear(directory: CacheDirOption = None) -> None:
+    """Delete every cache entry: the next runs decode and reduce everything again."""
+    from pipeline.cache import open_cache
+
+    cache = open_cache(directory)
+    freed = cache.clear() if cache.enabled else 0
+    typer.echo(f"cache: cleared {_size(freed)} from {cache.root}")

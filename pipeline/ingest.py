@@ -19,9 +19,12 @@ from typing import Any
 
 import dask
 import numpy as np
+import PIL
 import zarr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
+from pipeline import images as images_module
+from pipeline.cache import Cache, Entry, cache_key, open_cache
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
 from pipeline.images import (
     IMAGE_EXTENSIONS,
@@ -45,7 +48,7 @@ from pipeline.store import (
     write_json,
 )
 
-__all__ = ["IngestResult", "run_ingest"]
+__all__ = ["IngestResult", "decode_config", "decoded_key", "run_ingest"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,7 @@ class IngestResult:
     count: int
     per_split: dict[str, int]
     rejected: list[tuple[str, str]]
+    from_cache: int  # files whose decoded pixels came from the cache
 
 
 def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
@@ -116,6 +120,53 @@ def _shard_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf
 
 
+def decode_config(ip: IngestParams, channels: int) -> str:
+    """Key of everything besides a file's bytes that determines its decoded pixels.
+
+    The decode params (not the split: it does not change pixels), the channel count, the
+    decoding code itself and the versions of Pillow and its codec libraries.
+    """
+    decode = ip.decode_dict()
+    decode.pop("split", None)
+    codecs = {name: str(features.version(name)) for name in ("jpg", "zlib", "libtiff", "webp")}
+    return cache_key(
+        {
+            "decode": decode,
+            "channels": channels,
+            "code": hashlib.sha256(Path(images_module.__file__).read_bytes()).hexdigest(),
+            "versions": {"pillow": PIL.__version__, "numpy": np.__version__, **codecs},
+        }
+    )
+
+
+def decoded_key(file_sha256: str, config: str) -> str:
+    """Name of the cache entry holding the decoded pixels of one file."""
+    return cache_key({"file": file_sha256, "config": config})
+
+
+def _decode_cached(
+    data: bytes, rel: str, params: IngestParams, channels: int, cache: Cache, config: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pixels and manifest record of one file: from the cache, else decoded (and cached)."""
+    sha = hashlib.sha256(data).hexdigest()
+    key = decoded_key(sha, config)
+    hit = cache.get("decoded", key)
+    if hit is not None:
+        return hit.arrays["pixels"], {**hit.header, "cached": True}
+    d = decode_image(data, params, channels=channels, name=rel)
+    record = {
+        "sha256": d.sha256,
+        "format": d.format,
+        "mode": d.mode,
+        "width": d.width,
+        "height": d.height,
+        "frames": d.frames,
+        "orientation": d.orientation,
+    }
+    cache.put("decoded", key, Entry(header=record, arrays={"pixels": d.pixels}))
+    return d.pixels, record
+
+
 def _decode_shard(
     root: str,
     relpaths: Sequence[str],
@@ -123,6 +174,8 @@ def _decode_shard(
     start: int,
     params: IngestParams,
     shape: tuple[int, int, int],
+    cache: Cache,
+    config: str,
 ) -> list[dict[str, Any]]:
     """Decode the files of one shard and write the whole shard; return one record per file."""
     images = zarr.open_array(images_path, mode="r+")
@@ -136,27 +189,17 @@ def _decode_shard(
             records.append({"error": f"cannot read: {exc.strerror}"})
             continue
         try:
-            d = decode_image(data, params, channels=shape[2], name=rel)
-            if d.pixels.shape != shape:
+            pixels, record = _decode_cached(data, rel, params, shape[2], cache, config)
+            if pixels.shape != shape:
                 raise DecodeError(
-                    f"size {d.pixels.shape[1]}x{d.pixels.shape[0]} differs from the first "
+                    f"size {pixels.shape[1]}x{pixels.shape[0]} differs from the first "
                     f"image's {shape[1]}x{shape[0]}; set ingest.image_size to resize all images"
                 )
         except DecodeError as exc:
             records.append({"error": str(exc), "sha256": hashlib.sha256(data).hexdigest()})
             continue
-        buf[i] = d.pixels
-        records.append(
-            {
-                "sha256": d.sha256,
-                "format": d.format,
-                "mode": d.mode,
-                "width": d.width,
-                "height": d.height,
-                "frames": d.frames,
-                "orientation": d.orientation,
-            }
-        )
+        buf[i] = pixels
+        records.append(record)  # "cached" is dropped before the manifest is written
     for i, record in enumerate(records):
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
@@ -222,9 +265,21 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = False) -> IngestResult:
-    """Run the ingest stage: decode ``source`` into the prepared folder ``out``."""
+def run_ingest(
+    source: Path,
+    out: Path,
+    params: Params,
+    *,
+    progress: bool = False,
+    cache: Cache | None = None,
+) -> IngestResult:
+    """Run the ingest stage: decode ``source`` into the prepared folder ``out``.
+
+    Files decoded before with the same decode configuration come from ``cache`` (default: the
+    one :func:`pipeline.cache.open_cache` names); the output bytes are the same either way.
+    """
     ip = params.ingest
+    cache = cache if cache is not None else open_cache()
     source = Path(source).resolve()
     relpaths, broken = list_images(source)
     files = assign(relpaths, ip)
@@ -234,13 +289,21 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     shape = _probe_shape(source, files, ip)
+    config = decode_config(ip, shape[2])
     with atomic_output(Path(out)) as tmp:
         store = tmp / "images.zarr"
         group = zarr.open_group(store, mode="w")
         _create(group, len(files), shape, ip)
         tasks = [
             dask.delayed(_decode_shard, pure=True)(
-                str(source), [f.relpath for f in files[a:b]], str(store / "images"), a, ip, shape
+                str(source),
+                [f.relpath for f in files[a:b]],
+                str(store / "images"),
+                a,
+                ip,
+                shape,
+                cache,
+                config,
             )
             for a, b in _shards(len(files), ip.shard_images)
         ]
@@ -248,6 +311,7 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
             tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
         )
         records = [r for shard in results for r in shard]
+        from_cache = sum(1 for r in records if r.pop("cached", False))
         bad = broken + [
             (f.relpath, r["error"]) for f, r in zip(files, records, strict=True) if "error" in r
         ]
@@ -293,10 +357,14 @@ def run_ingest(source: Path, out: Path, params: Params, *, progress: bool = Fals
                 "pixel_max": 255 if ip.bit_depth == 8 else 65535,
                 "channels": shape[2],
                 "decode": ip.decode_dict(),
+                "decode_config": config,
                 "versions": library_versions(),
             }
         )
-    return IngestResult(count=len(kept), per_split=per_split, rejected=rejected)
+    cache.trim()
+    return IngestResult(
+        count=len(kept), per_split=per_split, rejected=rejected, from_cache=from_cache
+    )
 
 
 def _write_manifest(

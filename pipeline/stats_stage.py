@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
+from pipeline.cache import Cache, open_cache
 from pipeline.errors import PipelineError
+from pipeline.incremental import Reuse, fit_files, moments_key, reuse_moments, save_moments
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
@@ -27,7 +30,15 @@ from pipeline.statsfile import (
 )
 from pipeline.store import atomic_output, dumps_json, open_prepared, read_samples
 
-__all__ = ["fit_range", "run_stats"]
+__all__ = ["StatsRun", "fit_range", "run_stats"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsRun:
+    """The stats.json document written, and the earlier fit reused (None: fitted from scratch)."""
+
+    document: dict[str, Any]
+    reused: Reuse | None
 
 
 def fit_range(splits: dict[str, tuple[int, int]], fit_split: str) -> tuple[int, int]:
@@ -144,9 +155,19 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
 
 
 def run_stats(
-    prepared: Path, out_dir: Path, params: Params, *, progress: bool = False
-) -> dict[str, Any]:
-    """Run the stats stage; return the stats.json document."""
+    prepared: Path,
+    out_dir: Path,
+    params: Params,
+    *,
+    progress: bool = False,
+    cache: Cache | None = None,
+) -> StatsRun:
+    """Run the stats stage; return the stats.json document and what was reused, if anything.
+
+    When ``cache`` (default: the one :func:`pipeline.cache.open_cache` names) holds an earlier
+    fit on data decoded the same way, only the images added or removed since are reduced; the
+    result is bit-identical to a fit from scratch.
+    """
     store = open_prepared(Path(prepared))
     start, stop = fit_range(store.splits, params.stats.fit_split)
     if stop <= start:
@@ -154,10 +175,19 @@ def run_stats(
             f"The {params.stats.fit_split!r} split of {prepared} is empty: nothing to fit "
             f"statistics on. Check ingest.split, or choose another stats.fit_split."
         )
-    block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
-    moments = compute_moments(
-        Path(prepared) / "images", start, stop, params, block_images=block, progress=progress
-    )
+    cache = cache if cache is not None else open_cache()
+    files = fit_files(store, start, stop) if cache.enabled else None
+    reused = reuse_moments(store, start, stop, params, cache, files) if files else None
+    if reused is not None:
+        moments = reused.moments
+    else:
+        block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
+        moments = compute_moments(
+            Path(prepared) / "images", start, stop, params, block_images=block, progress=progress
+        )
+    if files:
+        save_moments(cache, moments_key(store), files, moments)
+        cache.trim()
     fit = aggregate(moments, params.stats.percentiles)
     doc = _document(fit, params, store.fingerprint, store.images.shape[0])
     # The folder is published with one rename, so stats.json and stats.zarr always match.
@@ -171,4 +201,4 @@ def run_stats(
         )
         doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp / STATS_ZARR)}
         (tmp / STATS_JSON).write_text(dumps_json(doc), encoding="ascii")
-    return doc
+    return StatsRun(document=doc, reused=reused)

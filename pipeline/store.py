@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "prepared_fingerprint",
     "read_array",
     "read_samples",
+    "read_selection",
     "sha256_file",
     "write_json",
     "write_small_array",
@@ -182,12 +183,25 @@ def check_splits(path: Path, group: zarr.Group, recorded: Any) -> None:
 
 def read_samples(images_path: str, start: int, stop: int) -> np.ndarray:
     """Samples [start, stop) of a prepared images array, or StoreError naming the damage."""
+    return _read(images_path, slice(start, stop), f"{start}..{stop - 1}")
+
+
+def read_selection(images_path: str, indices: Sequence[int]) -> np.ndarray:
+    """Samples at ``indices`` (ascending) of a prepared images array, or StoreError."""
+    selection = np.asarray(indices, dtype=np.int64)
+    return _read(images_path, selection, f"{indices[0]}..{indices[-1]}")
+
+
+def _read(images_path: str, selection: slice | np.ndarray, shown: str) -> np.ndarray:
     try:
-        return np.asarray(zarr.open_array(images_path, mode="r")[start:stop])
+        array = zarr.open_array(images_path, mode="r")
+        if isinstance(selection, slice):
+            return np.asarray(array[selection])
+        return np.asarray(array.get_orthogonal_selection(selection))
     except Exception as exc:  # zarr and the codecs raise many types for damaged shards
         raise StoreError(
-            f"cannot read samples {start}..{stop - 1} of {images_path}: {exc}. The store is "
-            f"damaged or incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
+            f"cannot read samples {shown} of {images_path}: {exc}. The store is damaged or "
+            f"incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
         ) from exc
 
 

@@ -16,10 +16,12 @@ pytest finds the fixtures here by itself. The plain names the test modules need 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,25 @@ MODES = (
 PER_IMAGE = ("per_image", "per_image_per_channel")
 H, W = 12, 10  # not square, so a transposed axis would show
 CHUNK, SHARD = 2, 4  # ingest.chunk_images / ingest.shard_images of the fixtures below
+
+
+# Commands that tests run with an environment copied at import time get a cache of their own,
+# never the working directory's; it is removed when the session ends.
+SESSION_CACHE = tempfile.mkdtemp(prefix="pipeline-cache-")
+os.environ["PIPELINE_CACHE_DIR"] = SESSION_CACHE
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test gets its own decode/stats cache (inherited by the commands it runs), outside
+    its tmp_path, so no test reuses another's work; test_incremental.py tests the reuse."""
+    path = tmp_path_factory.mktemp("pipeline-cache")
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(path))
+    monkeypatch.delenv("PIPELINE_CACHE_LIMIT", raising=False)
+    return path
 
 
 # --- real inputs: prepared + stats folders ---------------------------------------------------

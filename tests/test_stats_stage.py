@@ -267,7 +267,7 @@ def test_outputs_bit_identical(
 ) -> None:
     stats, base = CONFIGS[config]
     out = tmp_path / "stats"
-    doc = run_stats(store.path, out, make_params(stats=stats, base=base))
+    doc = run_stats(store.path, out, make_params(stats=stats, base=base)).document
     assert digests(out) == digests(reference)
     assert doc == read_doc(reference)
 

@@ -1,0 +1,242 @@
+"""A local, content-addressed cache that lets a grown dataset version reuse earlier work.
+
+Two kinds of entry, each one file named by the sha256 of what determines its content:
+
+- ``decoded/``: the pixels (and manifest record) of one source file, keyed by the file's sha256,
+  the params that change decoded pixels and the versions of the decoding code and libraries;
+- ``moments/``: the exact integer sums of a stats fit, keyed by the prepared data's decode
+  configuration, listing the files they cover.
+
+It lives outside DVC's outputs (``.pipeline-cache/`` in the working directory, or
+``$PIPELINE_CACHE_DIR``), so ``dvc repro`` removing an output never removes it, and deleting it
+only costs time. Every entry carries the sha256 of its payload and is checked on every read:
+a damaged entry is deleted and rebuilt, never trusted. Writes go to a temporary file and are
+renamed into place, so concurrent workers and killed runs leave only whole entries. When the
+cache grows past its limit (``$PIPELINE_CACHE_LIMIT``, default 10 GB), the entries used least
+recently are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ParamsError
+from pipeline.store import dumps_json
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CACHE_LIMIT_ENV",
+    "Cache",
+    "CacheInfo",
+    "Entry",
+    "cache_key",
+    "open_cache",
+    "parse_size",
+]
+
+CACHE_DIR_ENV = "PIPELINE_CACHE_DIR"
+CACHE_LIMIT_ENV = "PIPELINE_CACHE_LIMIT"
+DEFAULT_DIR = ".pipeline-cache"
+DEFAULT_LIMIT = 10 * 10**9
+KINDS = ("decoded", "moments")
+MAGIC = b"pipeline-cache/1\n"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str, key: str = CACHE_LIMIT_ENV) -> int:
+    """Bytes from ``"10GB"``, ``"512MiB"`` or ``"1000000"``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _UNITS:
+        raise ParamsError(
+            f"Expected a size such as 10GB, 500MB or 2GiB for {key}. Got {value!r} instead."
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def cache_key(doc: Any) -> str:
+    """sha256 of a JSON-able description (sorted keys): the name of an entry."""
+    return hashlib.sha256(dumps_json(doc).encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """What an entry holds: named arrays and a JSON-able header."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheInfo:
+    """Size of the cache, per kind of entry."""
+
+    root: Path
+    limit: int
+    entries: dict[str, int]
+    bytes: dict[str, int]
+
+
+def _digest(meta: dict[str, Any], payload: bytes | memoryview) -> str:
+    """sha256 over the header, the array layout and the bytes: all of an entry is checked."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
+def _encode(entry: Entry) -> bytes:
+    """MAGIC, one JSON line (header, array layout, sha256 of all), then the raw array bytes."""
+    layout, chunks = [], []
+    for name in sorted(entry.arrays):
+        a = np.ascontiguousarray(entry.arrays[name])
+        if a.dtype == object:
+            raise TypeError(f"cannot cache object array {name}")
+        layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
+        chunks.append(a.tobytes())
+    payload = b"".join(chunks)
+    meta = {"header": entry.header, "arrays": layout}
+    meta["sha256"] = _digest(meta, payload)
+    line = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    return MAGIC + line + payload
+
+
+def _decode(data: bytes) -> Entry | None:
+    """The entry in ``data``, or None when it is damaged in any way."""
+    if not data.startswith(MAGIC):
+        return None
+    end = data.find(b"\n", len(MAGIC))
+    if end < 0:
+        return None
+    try:
+        meta = json.loads(data[len(MAGIC) : end])
+        payload = memoryview(data)[end + 1 :]
+        if _digest({k: v for k, v in meta.items() if k != "sha256"}, payload) != meta["sha256"]:
+            return None
+        arrays, offset = {}, 0
+        for spec in meta["arrays"]:
+            dtype = np.dtype(spec["dtype"])
+            count = int(np.prod(spec["shape"], dtype=np.int64))
+            arrays[spec["name"]] = np.frombuffer(
+                payload, dtype=dtype, count=count, offset=offset
+            ).reshape(spec["shape"])
+            offset += count * dtype.itemsize
+        if offset != len(payload):
+            return None
+        return Entry(header=meta["header"], arrays=arrays)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A cache folder; ``enabled`` is False when caching is switched off."""
+
+    root: Path
+    limit: int
+    enabled: bool = True
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / key
+
+    def get(self, kind: str, key: str) -> Entry | None:
+        """The verified entry, or None (a damaged entry is removed, so it gets rebuilt)."""
+        if not self.enabled:
+            return None
+        path = self._path(kind, key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        entry = _decode(data)
+        if entry is None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used: trimmed last
+        return entry
+
+    def put(self, kind: str, key: str, entry: Entry) -> None:
+        """Store ``entry``; a cache that cannot be written only costs time later."""
+        if not self.enabled:
+            return
+        path = self._path(kind, key)
+        tmp = path.parent / f".{key}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(_encode(entry))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _files(self) -> Iterator[tuple[str, os.stat_result, Path]]:
+        for kind in KINDS:
+            base = self.root / kind
+            if not base.is_dir():
+                continue
+            for sub in sorted(base.iterdir()):
+                if sub.is_dir():
+                    for f in sub.iterdir():
+                        with contextlib.suppress(OSError):
+                            yield kind, f.stat(), f
+
+    def info(self) -> CacheInfo:
+        """Entry count and bytes per kind."""
+        entries = dict.fromkeys(KINDS, 0)
+        sizes = dict.fromkeys(KINDS, 0)
+        for kind, st, f in self._files():
+            if not f.name.startswith("."):
+                entries[kind] += 1
+            sizes[kind] += st.st_size
+        return CacheInfo(root=self.root, limit=self.limit, entries=entries, bytes=sizes)
+
+    def trim(self) -> int:
+        """Remove least recently used entries until the cache fits its limit; return bytes freed."""
+        if not self.enabled:
+            return 0
+        files = sorted((st.st_mtime_ns, st.st_size, f) for _, st, f in self._files())
+        total = sum(size for _, size, _ in files)
+        freed = 0
+        stale = time.time_ns() - 3600 * 10**9  # temporary files of runs killed an hour ago
+        for mtime, size, f in files:
+            if total - freed <= self.limit and not (f.name.startswith(".") and mtime < stale):
+                continue
+            with contextlib.suppress(OSError):
+                f.unlink()
+                freed += size
+        return freed
+
+    def clear(self) -> int:
+        """Remove every entry; return the bytes freed."""
+        freed = sum(self.info().bytes.values())
+        for kind in KINDS:
+            shutil.rmtree(self.root / kind, ignore_errors=True)
+        return freed
+
+
+def open_cache(root: Path | str | None = None) -> Cache:
+    """The cache named by ``root``, else ``$PIPELINE_CACHE_DIR``, else ``./.pipeline-cache``.
+
+    ``off`` as the folder switches caching off; ``$PIPELINE_CACHE_LIMIT`` sets its size.
+    """
+    chosen = str(root) if root is not None else os.environ.get(CACHE_DIR_ENV) or DEFAULT_DIR
+    limit_text = os.environ.get(CACHE_LIMIT_ENV)
+    limit = parse_size(limit_text) if limit_text else DEFAULT_LIMIT
+    if chosen.strip().lower() == "off":
+        return Cache(root=Path(DEFAULT_DIR).resolve(), limit=limit, enabled=False)
+    return Cache(root=Path(chosen).resolve(), limit=limit)

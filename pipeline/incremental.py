@@ -1,0 +1,228 @@
+"""Exact statistics of a changed dataset from an earlier fit: add what is new, subtract what left.
+
+The statistics are exact integer sums (:mod:`pipeline.stats`), so the sums over a new data
+version are the sums over an earlier version plus those of the added images minus those of
+the removed ones, exactly: the result is bit-identical to a fit from scratch. The earlier sums
+are kept in the cache (``moments`` entries, with the sha256 of every file they cover, in
+store order); the pixels of added and removed images come from the cache's ``decoded``
+entries, which ingest writes, or for added images from the prepared store itself. When
+anything needed is missing, :func:`reuse_moments` returns None and the caller fits from
+scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from pipeline import stats as stats_module
+from pipeline.cache import Cache, Entry, cache_key
+from pipeline.ingest import decoded_key
+from pipeline.params import Params
+from pipeline.runner import run_tasks
+from pipeline.stats import INT64_MAX, Moments, block_moments, combine
+from pipeline.store import PreparedStore, read_selection
+
+__all__ = ["Reuse", "fit_files", "moments_key", "reuse_moments", "save_moments"]
+
+BATCH_IMAGES = 256  # images per task when reducing added or removed images
+
+
+def fit_files(store: PreparedStore, start: int, stop: int) -> list[str] | None:
+    """sha256 of the source file of each sample in [start, stop), from the manifest."""
+    manifest = store.path.parent / "manifest.jsonl"
+    if not manifest.is_file() or "decode_config" not in store.attrs:
+        return None
+    with open(manifest, encoding="ascii") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) != store.images.shape[0]:
+        return None
+    return [str(row["sha256"]) for row in rows[start:stop]]
+
+
+def moments_key(store: PreparedStore) -> str:
+    """Entry name for fits on prepared data of this decode configuration and layout."""
+    return cache_key(
+        {
+            "moments": store.attrs["decode_config"],
+            "shape": list(store.images.shape[1:]),
+            "dtype": str(store.images.dtype),
+            "code": hashlib.sha256(Path(stats_module.__file__).read_bytes()).hexdigest(),
+        }
+    )
+
+
+def save_moments(cache: Cache, key: str, files: Sequence[str], moments: Moments) -> None:
+    """Keep ``moments`` (of ``files``, in order) for the next fit to start from."""
+    arrays = {
+        "pixel_sum": moments.pixel_sum,
+        "pixel_sumsq": moments.pixel_sumsq,
+        "histogram": moments.histogram,
+        "image_std": moments.image_std,
+    }
+    if any(a.dtype == object for a in arrays.values()):
+        return  # totals beyond int64: rare enough to always fit from scratch
+    header = {"files": list(files), "pixel_max": moments.pixel_max}
+    cache.put("moments", key, Entry(header=header, arrays=arrays))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reuse:
+    """Moments obtained from an earlier fit, and how many images differed from it."""
+
+    moments: Moments
+    added: int
+    removed: int
+
+
+def _load(cache: Cache, key: str) -> tuple[list[str], Moments] | None:
+    entry = cache.get("moments", key)
+    if entry is None:
+        return None
+    files = [str(f) for f in entry.header["files"]]
+    a = entry.arrays
+    if a["image_std"].shape[0] != len(files):
+        return None
+    return files, Moments(
+        n_images=len(files),
+        pixel_max=int(entry.header["pixel_max"]),
+        pixel_sum=a["pixel_sum"],
+        pixel_sumsq=a["pixel_sumsq"],
+        histogram=a["histogram"],
+        image_std=a["image_std"],
+    )
+
+
+def _batch_moments(
+    cache: Cache, config: str, shas: Sequence[str], indices: Sequence[int] | None, path: str
+) -> Moments | None:
+    """Moments of the images of ``shas``: cached pixels, else samples ``indices`` of the store."""
+    pixels: list[np.ndarray | None] = []
+    for sha in shas:
+        entry = cache.get("decoded", decoded_key(sha, config))
+        pixels.append(None if entry is None else entry.arrays["pixels"])
+    missing = [i for i, p in enumerate(pixels) if p is None]
+    if missing:
+        if indices is None:
+            return None
+        read = read_selection(path, [indices[i] for i in missing])
+        for i, image in zip(missing, read, strict=True):
+            pixels[i] = image
+    return block_moments(np.stack(pixels))  # type: ignore[arg-type]
+
+
+def _moments_of(
+    cache: Cache,
+    config: str,
+    shas: Sequence[str],
+    indices: Sequence[int] | None,
+    path: str,
+    params: Params,
+) -> Moments | None:
+    """Moments of many images, in batches as Dask tasks; None if some pixels cannot be had."""
+    tasks = [
+        dask.delayed(_batch_moments, pure=True)(
+            cache,
+            config,
+            shas[a : a + BATCH_IMAGES],
+            None if indices is None else indices[a : a + BATCH_IMAGES],
+            path,
+        )
+        for a in range(0, len(shas), BATCH_IMAGES)
+    ]
+    parts = run_tasks(tasks, params.base, kind="reduce", shared=[Path(path)])
+    if any(p is None for p in parts):
+        return None
+    return combine(parts)
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.subtract(a, b, dtype=np.int64)
+
+
+def reuse_moments(
+    store: PreparedStore,
+    start: int,
+    stop: int,
+    params: Params,
+    cache: Cache,
+    files: Sequence[str],
+) -> Reuse | None:
+    """Moments of samples [start, stop) from the cached earlier fit, or None.
+
+    ``files`` holds the source sha256 of each of those samples. None when there is no earlier
+    fit, when more images changed than stayed, or when a removed image's pixels are gone.
+    """
+    base = _load(cache, moments_key(store))
+    if base is None:
+        return None
+    base_files, before = base
+    now, then = Counter(files), Counter(base_files)
+    added, removed = now - then, then - now
+    n = len(files)
+    changed = sum(added.values()) + sum(removed.values())
+    if changed >= n or 2 * n * before.pixel_max**2 > INT64_MAX:
+        return None
+    if before.pixel_sum.shape != tuple(store.images.shape[1:]):
+        return None
+    config = str(store.attrs["decode_config"])
+    path = str(store.path.resolve() / "images")
+    rows = dict(zip(base_files, before.image_std, strict=True))
+    result = before
+    if added:
+        picked: list[tuple[str, int]] = []
+        wanted = dict(added)
+        for offset, sha in enumerate(files):
+            if wanted.get(sha, 0) > 0:
+                wanted[sha] -= 1
+                picked.append((sha, start + offset))
+        plus = _moments_of(
+            cache, config, [s for s, _ in picked], [i for _, i in picked], path, params
+        )
+        if plus is None:
+            return None
+        rows.update(zip((s for s, _ in picked), plus.image_std, strict=True))
+        result = combine([result, plus])
+    if removed:
+        gone = [sha for sha, k in sorted(removed.items()) for _ in range(k)]
+        minus = _moments_of(cache, config, gone, None, path, params)
+        if minus is None:
+            return None
+        result = Moments(
+            n_images=result.n_images - minus.n_images,
+            pixel_max=result.pixel_max,
+            pixel_sum=_difference(result.pixel_sum, minus.pixel_sum),
+            pixel_sumsq=_difference(result.pixel_sumsq, minus.pixel_sumsq),
+            histogram=_difference(result.histogram, minus.histogram),
+            image_std=result.image_std,
+        )
+    moments = Moments(
+        n_images=n,
+        pixel_max=result.pixel_max,
+        pixel_sum=np.asarray(result.pixel_sum, dtype=np.int64),
+        pixel_sumsq=np.asarray(result.pixel_sumsq, dtype=np.int64),
+        histogram=np.asarray(result.histogram, dtype=np.int64),
+        image_std=np.stack([rows[sha] for sha in files]),
+    )
+    if not _consistent(moments):
+        return None
+    return Reuse(moments=moments, added=sum(added.values()), removed=sum(removed.values()))
+
+
+def _consistent(m: Moments) -> bool:
+    """Invariants any true fit satisfies: a reuse that breaks them is dropped, not trusted."""
+    h, w, _ = m.pixel_sum.shape
+    per_channel = m.histogram.sum(axis=1, dtype=object)
+    return not (
+        m.histogram.min(initial=0) < 0
+        or any(int(c) != m.n_images * h * w for c in per_channel)
+        or m.pixel_sum.min(initial=0) < 0
+        or m.pixel_sumsq.min(initial=0) < 0
+    )
