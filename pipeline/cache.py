@@ -7,10 +7,11 @@ Two kinds of entry, each one file named by the sha256 of what determines its con
 - ``moments/``: the exact integer sums of a stats fit, keyed by the prepared data's decode
   configuration, listing the files they cover.
 
-It lives outside DVC's outputs (``.pipeline-cache/`` in the working directory, or
-``$PIPELINE_CACHE_DIR``), so ``dvc repro`` removing an output never removes it, and deleting it
-only costs time. Every entry carries the sha256 of its payload and is checked on every read:
-a damaged entry is deleted and rebuilt, never trusted. Writes go to a temporary file and are
+It lives outside DVC's outputs and outside the repository (``$PIPELINE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``), so ``dvc repro`` removing an output
+never removes it, clones and queued experiments share it, and deleting it only costs time.
+Every entry carries the sha256 of its header and payload, checked on every read: a damaged
+entry is deleted and rebuilt, never trusted. Writes go to a temporary file and are
 renamed into place, so concurrent workers and killed runs leave only whole entries. When the
 cache grows past its limit (``$PIPELINE_CACHE_LIMIT``, default 10 GB), the entries used least
 recently are removed.
@@ -43,13 +44,13 @@ __all__ = [
     "CacheInfo",
     "Entry",
     "cache_key",
+    "default_dir",
     "open_cache",
     "parse_size",
 ]
 
 CACHE_DIR_ENV = "PIPELINE_CACHE_DIR"
 CACHE_LIMIT_ENV = "PIPELINE_CACHE_LIMIT"
-DEFAULT_DIR = ".pipeline-cache"
 DEFAULT_LIMIT = 10 * 10**9
 KINDS = ("decoded", "moments")
 MAGIC = b"pipeline-cache/1\n"
@@ -229,14 +230,20 @@ class Cache:
         return freed
 
 
+def default_dir() -> Path:
+    """``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline`` (where pip and others cache)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+
+
 def open_cache(root: Path | str | None = None) -> Cache:
-    """The cache named by ``root``, else ``$PIPELINE_CACHE_DIR``, else ``./.pipeline-cache``.
+    """The cache named by ``root``, else ``$PIPELINE_CACHE_DIR``, else :func:`default_dir`.
 
     ``off`` as the folder switches caching off; ``$PIPELINE_CACHE_LIMIT`` sets its size.
     """
-    chosen = str(root) if root is not None else os.environ.get(CACHE_DIR_ENV) or DEFAULT_DIR
+    chosen = str(root) if root is not None else os.environ.get(CACHE_DIR_ENV) or ""
     limit_text = os.environ.get(CACHE_LIMIT_ENV)
     limit = parse_size(limit_text) if limit_text else DEFAULT_LIMIT
     if chosen.strip().lower() == "off":
-        return Cache(root=Path(DEFAULT_DIR).resolve(), limit=limit, enabled=False)
-    return Cache(root=Path(chosen).resolve(), limit=limit)
+        return Cache(root=default_dir(), limit=limit, enabled=False)
+    return Cache(root=Path(chosen).resolve() if chosen else default_dir(), limit=limit)

@@ -259,7 +259,7 @@ app.add_typer(cache_app, name="cache")
 CacheDirOption = Annotated[
     Path | None,
     typer.Option(
-        "--dir", help="Cache folder (default: $PIPELINE_CACHE_DIR, else ./.pipeline-cache)."
+        "--dir", help="Cache folder (default: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline)."
     ),
 ]
 

@@ -180,9 +180,12 @@ def test_open_cache_reads_the_environment(
     assert not open_cache().enabled
     monkeypatch.delenv("PIPELINE_CACHE_DIR")
     monkeypatch.delenv("PIPELINE_CACHE_LIMIT")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     cache = open_cache()
-    assert (cache.root, cache.limit) == (tmp_path / ".pipeline-cache", 10 * 10**9)
+    assert (cache.root, cache.limit) == (tmp_path / "xdg" / "pipeline", 10 * 10**9)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert open_cache().root == tmp_path / "home" / ".cache" / "pipeline"
 
 
 def test_cli_info_and_clear(tmp_path: Path) -> None:

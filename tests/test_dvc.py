@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import make_dvc_repo, run
+from PIL import Image
 
 
 @pytest.fixture
@@ -89,3 +91,41 @@ def test_metrics_and_experiment_with_another_mode(repo: tuple[Path, dict[str, st
 
     ds = open_normalized(work / "data" / "normalized")
     assert ds.lineage["mode"] == "per_pixel"
+
+
+def test_a_grown_image_folder_reuses_the_cache_and_matches_a_rebuild(tmp_path: Path) -> None:
+    """The user's path: `dvc add` a folder, repro, add files, repro again (cache used), then a
+    forced rebuild without the cache reproduces dvc.lock byte for byte."""
+    made = make_dvc_repo(
+        tmp_path, {"ingest": {"source": "data/images", "image_size": [24, 24]}}
+    )
+    work = made.work
+    env = {k: v for k, v in made.env.items() if k != "PIPELINE_CACHE_DIR"}  # the default place
+    rng = np.random.default_rng(5)
+
+    def add_images(names: range) -> None:
+        for i in names:
+            folder = work / "data" / "images" / ("cat" if i % 2 else "dog")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (20 + i % 7, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+    add_images(range(0, 60, 2))
+    run(["dvc", "add", "data/images"], work, env)
+    out = run(["dvc", "repro"], work, env)
+    assert "taken from the cache" not in out
+    assert (made.home / ".cache" / "pipeline" / "decoded").is_dir()
+
+    add_images(range(1, 12, 2))
+    run(["dvc", "add", "data/images"], work, env)
+    out = run(["dvc", "repro"], work, env)
+    assert "Running stage 'ingest'" in out
+    assert "30 file(s) unchanged, taken from the cache" in out
+    assert "reused the cached fit" in out
+    lock = (work / "dvc.lock").read_text()
+
+    out = run(["dvc", "repro", "-f"], work, {**env, "PIPELINE_CACHE_DIR": "off"})
+    assert "taken from the cache" not in out
+    assert (work / "dvc.lock").read_text() == lock
+    info = run(["pipeline", "cache", "info"], work, env)
+    assert "36 entries" in info
