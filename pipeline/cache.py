@@ -112,7 +112,7 @@ def _encode(entry: Entry) -> list[bytes | memoryview]:
         if a.dtype == object:
             raise TypeError(f"cannot cache object array {name}")
         layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
-        payload.append(memoryview(a.reshape(-1)).cast("B"))
+        payload.append(a.reshape(-1).view(np.uint8).data)
     meta: dict[str, Any] = {"header": entry.header, "arrays": layout}
     meta["sha256"] = _digest(meta, payload)
     line = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\n"
