@@ -1,7 +1,9 @@
 """Exact statistics kernels against independent oracles: ``fractions.Fraction`` and numpy float64.
 
 Nothing here trusts the kernels' own output: every expected value is computed from the raw pixels
-with Python integers (Fraction, 50-digit Decimal square roots) or with numpy float64.
+with Python integers (Fraction, 50-digit Decimal square roots) or with numpy float64. The compiled
+chunk kernel is also compared bit for bit with the numpy implementation it replaced
+(``numpy_moments.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
@@ -17,15 +20,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy_moments import block_moments_numpy, histogram_u8_numpy
 
-from pipeline.stats import (
-    FitResult,
-    Moments,
-    _histogram_u8,
-    aggregate,
-    block_moments,
-    combine,
-)
+from pipeline import stats_kernel
+from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
 
 INT64_MAX = 2**63 - 1
 PERCENTILES = (0.0, 1.0, 12.5, 25.0, 50.0, 95.0, 99.0, 100.0)  # exact in binary and decimal
@@ -155,7 +153,7 @@ images = st.builds(
     make_images,
     seed=st.integers(0, 2**32 - 1),
     shape=st.tuples(
-        st.integers(1, 12), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3])
+        st.integers(1, 12), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3, 4])
     ),
     dtype=st.sampled_from([np.uint8, np.uint16]),
     style=st.sampled_from(["full", "full", "low", "high", "const", "extremes"]),
@@ -246,7 +244,111 @@ def test_any_partition_and_grouping_bit_identical(x: np.ndarray, data: st.DataOb
     assert_fit_identical(aggregate(backwards, PERCENTILES), reference)
 
 
-# --- uint8 pair-histogram fast path ------------------------------------------------------------
+# --- the compiled kernel against the oracles and the numpy path it replaced ---------------------
+
+
+def assert_same_moments(got: Moments, expected: Moments) -> None:
+    """Bit-identical Moments: same dtypes, same integers, same float64 image_std."""
+    assert (got.n_images, got.pixel_max) == (expected.n_images, expected.pixel_max)
+    for name in ("pixel_sum", "pixel_sumsq", "histogram", "image_std"):
+        left, right = getattr(got, name), getattr(expected, name)
+        assert (left.dtype, left.shape) == (right.dtype, right.shape), name
+        assert np.array_equal(left, right), name
+
+
+def check_sums_against_oracle(m: Moments, x: np.ndarray) -> None:
+    """Per-pixel and per-image sums from Python ints, per-image std from Fraction and float64."""
+    n, h, w, c = x.shape
+    exact = x.astype(object)
+    assert m.pixel_sum.tolist() == exact.sum(axis=0).tolist()
+    assert m.pixel_sumsq.tolist() == (exact * exact).sum(axis=0).tolist()
+    check_histogram(m.histogram, x)
+    assert m.image_std.shape == (n, c)
+    assert m.image_std.dtype == np.float64
+    per_image = exact.reshape(n, h * w, c)
+    for i, ch in itertools.product(range(n), range(c)):
+        values = per_image[i, :, ch]
+        expected = std_oracle(h * w, int(values.sum()), int((values * values).sum()))
+        # _image_std rounds the exact numerator, its square root and the division: 2 ulp at most.
+        assert abs(m.image_std[i, ch] - expected) <= 2 * math.ulp(expected), (i, ch)
+    stds = x.astype(np.float64).reshape(n, h * w, c).std(axis=1)
+    np.testing.assert_allclose(m.image_std, stds, rtol=1e-12, atol=1e-12)
+
+
+KERNEL_SHAPES = [(1, 1, 1), (15, 3, 11), (17, 5, 7), (33, 1, 1), (2, 61, 47)]  # last: 2+ tiles
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16], ids=["u8", "u16"])
+@pytest.mark.parametrize("channels", [1, 3, 4], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("nhw", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_oracles_and_numpy_path(
+    dtype: type, channels: int, nhw: tuple[int, int, int]
+) -> None:
+    shape = (*nhw, channels)
+    x = make_images(math.prod(shape), shape, dtype, "full")
+    m = block_moments(x)
+    assert_same_moments(m, block_moments_numpy(x))
+    check_sums_against_oracle(m, x)
+    check_against_oracle(x, aggregate(m, PERCENTILES), PERCENTILES)
+
+
+kernel_blocks = st.builds(
+    make_images,
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(
+        st.integers(0, 40), st.integers(1, 13), st.integers(1, 13), st.integers(1, 5)
+    ),
+    dtype=st.sampled_from([np.uint8, np.uint16]),
+    style=st.sampled_from(["full", "low", "high", "const", "extremes"]),
+)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(x=kernel_blocks)
+def test_kernel_bit_identical_to_numpy_path(x: np.ndarray) -> None:
+    """Any n (also 0 and not a multiple of 16), odd sizes, C from 1 to 5, both dtypes."""
+    m = block_moments(x)
+    assert_same_moments(m, block_moments_numpy(x))
+    check_sums_against_oracle(m, x)
+
+
+def test_kernel_uint8_tiles_flushed_before_uint32_wraps() -> None:
+    """70,000 images: per-pixel sums of squares pass 2**32, the uint8 tile sums' limit."""
+    x = np.full((70_000, 1, 2, 1), 255, dtype=np.uint8)
+    x[::3, 0, 1, 0] = 7
+    m = block_moments(x)
+    assert int(m.pixel_sumsq[0, 0, 0]) == 70_000 * 255**2 > 2**32
+    assert_same_moments(m, block_moments_numpy(x))
+    check_sums_against_oracle(m, x)
+
+
+def test_kernel_wide_per_image_counts_agree() -> None:
+    """The uint64 per-image counters (images of 2**32 values or more) count like uint32 ones."""
+    x = make_images(9, (5, 7, 9, 3), np.uint8, "full").reshape(5, -1)
+    narrow = stats_kernel.histogram_u8(x, 3, np.empty(0, np.uint32))
+    wide = stats_kernel.histogram_u8(x, 3, np.empty(0, np.uint64))
+    for a, b in zip(narrow, wide, strict=True):
+        assert a.dtype == b.dtype
+        assert np.array_equal(a, b)
+
+
+def test_kernel_from_threads_gives_the_same_moments() -> None:
+    """The kernel releases the GIL: blocks reduced concurrently match one-by-one results."""
+    blocks = [make_images(k, (20, 16, 16, 3), dtype, "full")
+              for k in range(4) for dtype in (np.uint8, np.uint16)]
+    alone = [block_moments(b) for b in blocks]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(block_moments, blocks * 2))
+    for m, expected in zip(together, alone * 2, strict=True):
+        assert_same_moments(m, expected)
+
+
+# --- uint8 histograms: numpy byte pairs and kernel lanes -----------------------------------
+
+
+def u8_histograms(x: np.ndarray) -> list[np.ndarray]:
+    """The numpy path's pair-count histogram and the kernel's."""
+    return [histogram_u8_numpy(x), block_moments(x).histogram]
 
 
 @FAST
@@ -258,32 +360,42 @@ def test_any_partition_and_grouping_bit_identical(x: np.ndarray, data: st.DataOb
 )
 def test_histogram_u8_matches_bincount(seed: int, shape: tuple[int, ...]) -> None:
     x = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    check_histogram(_histogram_u8(x), x)
+    for hist in u8_histograms(x):
+        check_histogram(hist, x)
 
 
 @pytest.mark.parametrize(
     "shape",
     [(1, 1, 1, 1), (1, 1, 1, 3), (1, 1, 3, 1), (3, 1, 1, 3), (1, 3, 3, 1), (1, 1, 5, 3),
-     (2, 2, 2, 3), (1, 1, 2, 1), (7, 3, 3, 3)],
-    ids=lambda s: f"{'x'.join(map(str, s))}-rem{math.prod(s) % (2 * s[-1])}",
+     (2, 2, 2, 3), (1, 1, 2, 1), (7, 3, 3, 3), (1, 1, 11, 1), (1, 1, 13, 1), (1, 2, 2, 3),
+     (1, 1, 1, 4), (1, 1, 4, 4)],
+    ids=lambda s: f"{'x'.join(map(str, s))}-rem{math.prod(s) % (2 * s[-1])}-"
+    f"{math.prod(s[1:]) % 12}",
 )
 def test_histogram_u8_remainders(shape: tuple[int, ...]) -> None:
-    """Element counts that are and are not multiples of 2*C (the pair period)."""
+    """Element counts that are and are not multiples of 2*C (the numpy pair period) and of
+    12 (the kernel's lanes per image)."""
     x = np.random.default_rng(len(shape) + math.prod(shape)).integers(0, 256, shape, np.uint8)
-    check_histogram(_histogram_u8(x), x)
+    for hist in u8_histograms(x):
+        check_histogram(hist, x)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16], ids=["u8", "u16"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_histogram_u8_views(channels: int) -> None:
-    """Non-contiguous and odd-address (unaligned for uint16) blocks count the same."""
+def test_views_count_the_same(dtype: type, channels: int) -> None:
+    """Non-contiguous and odd-address (unaligned for uint16) blocks give the same moments."""
     rng = np.random.default_rng(channels)
-    big = rng.integers(0, 256, (6, 5, 8, channels), dtype=np.uint8)
+    top = int(np.iinfo(dtype).max)
+    big = rng.integers(0, top + 1, (6, 5, 8, channels), dtype=dtype)
     strided = big[:, ::2, 1::3]
-    check_histogram(_histogram_u8(strided), strided)
-    raw = rng.integers(0, 256, 1 + 4 * 3 * 5 * channels, dtype=np.uint8).tobytes()
-    odd = np.frombuffer(raw, dtype=np.uint8, offset=1).reshape(4, 3, 5, channels)
-    check_histogram(_histogram_u8(odd), odd)
-    check_histogram(block_moments(odd).histogram, odd)
+    raw = rng.integers(0, 256, 1 + 4 * 3 * 5 * channels * big.itemsize, dtype=np.uint8)
+    odd = np.frombuffer(raw.tobytes(), dtype=dtype, offset=1).reshape(4, 3, 5, channels)
+    for x in (strided, odd):
+        if dtype == np.uint8:
+            check_histogram(histogram_u8_numpy(x), x)
+        m = block_moments(x)
+        assert_same_moments(m, block_moments_numpy(np.ascontiguousarray(x)))
+        check_sums_against_oracle(m, x)
 
 
 # --- totals beyond 2**64: Python ints, no int64 wrap-around -----------------------------------
