@@ -10,11 +10,13 @@ Two kinds of entry, each one file named by the sha256 of what determines its con
 It lives outside DVC's outputs and outside the repository (``$PIPELINE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/pipeline``, else ``~/.cache/pipeline``), so ``dvc repro`` removing an output
 never removes it, clones and queued experiments share it, and deleting it only costs time.
-Every entry carries the sha256 of its header and payload, checked on every read: a damaged
-entry is deleted and rebuilt, never trusted. Writes go to a temporary file and are
-renamed into place, so concurrent workers and killed runs leave only whole entries. When the
-cache grows past its limit (``$PIPELINE_CACHE_LIMIT``, default 10 GB), the entries used least
-recently are removed.
+Every entry carries a CRC-32 of its header and payload, checked on every read: a damaged
+entry is deleted and rebuilt, never trusted. (CRC-32 is the check that PNG, gzip and Zarr's
+shard index use against accidental damage; on these machines it runs at 4 GB/s against
+sha256's 1.6, which made a cache read 30 % cheaper. Entry names stay sha256 keys.) Writes go
+to a temporary file and are renamed into place, so concurrent workers and killed runs leave
+only whole entries. When the cache grows past its limit (``$PIPELINE_CACHE_LIMIT``, default
+10 GB), the entries used least recently are removed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,7 @@ CACHE_DIR_ENV = "PIPELINE_CACHE_DIR"
 CACHE_LIMIT_ENV = "PIPELINE_CACHE_LIMIT"
 DEFAULT_LIMIT = 10 * 10**9
 KINDS = ("decoded", "moments")
-MAGIC = b"pipeline-cache/1\n"
+MAGIC = b"pipeline-cache/2\n"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -92,16 +95,16 @@ class CacheInfo:
     bytes: dict[str, int]
 
 
-def _digest(meta: dict[str, Any], payload: Sequence[memoryview]) -> str:
-    """sha256 over the header, the array layout and the bytes: all of an entry is checked."""
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+def _digest(meta: dict[str, Any], payload: Sequence[memoryview]) -> int:
+    """CRC-32 over the header, the array layout and the bytes: all of an entry is checked."""
+    crc = zlib.crc32(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     for part in payload:
-        h.update(part)
-    return h.hexdigest()
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 def _encode(entry: Entry) -> list[bytes | memoryview]:
-    """MAGIC, one JSON line (header, array layout, sha256 of all), then the raw array bytes.
+    """MAGIC, one JSON line (header, array layout, CRC-32 of all), then the raw array bytes.
 
     Returned as parts to write one after the other: joining them would copy every image twice
     more (fresh memory is slow on these machines; measured 0.6 -> 0.3 ms per 224x224 image).
@@ -114,7 +117,7 @@ def _encode(entry: Entry) -> list[bytes | memoryview]:
         layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
         payload.append(a.reshape(-1).view(np.uint8).data)
     meta: dict[str, Any] = {"header": entry.header, "arrays": layout}
-    meta["sha256"] = _digest(meta, payload)
+    meta["crc32"] = _digest(meta, payload)
     line = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\n"
     return [MAGIC + line, *payload]
 
@@ -129,8 +132,8 @@ def _decode(data: bytes) -> Entry | None:
     try:
         meta = json.loads(data[len(MAGIC) : end])
         payload = memoryview(data)[end + 1 :]
-        unchecked = {k: v for k, v in meta.items() if k != "sha256"}
-        if _digest(unchecked, [payload]) != meta["sha256"]:
+        unchecked = {k: v for k, v in meta.items() if k != "crc32"}
+        if _digest(unchecked, [payload]) != meta["crc32"]:
             return None
         arrays, offset = {}, 0
         for spec in meta["arrays"]:

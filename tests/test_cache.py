@@ -72,7 +72,7 @@ def test_damaged_entry_is_detected_and_removed(tmp_path: Path, damage: str) -> N
     elif damage == "garbage":
         data = bytearray(os.urandom(len(data)))
     elif damage == "bad_header":
-        data[len(b"pipeline-cache/1\n") + 2] = ord("}")
+        data[len(b"pipeline-cache/2\n") + 2] = ord("}")
     else:
         data += b"\0" * 8
     path.write_bytes(bytes(data))
