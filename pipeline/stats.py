@@ -11,6 +11,7 @@ rounding step removed: integer sums need no correction terms.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,19 +35,40 @@ class Moments:
     image_std: np.ndarray  # (n_images, C) float64: each image's own std, per channel
 
 
+# The compiled kernel has a fixed cost on its first call in a process: numba's imports and
+# loading its cached machine code took 0.6-0.9 s here, compiling it 3-5 s. The numpy passes
+# reduce 64 MiB in about 0.2 s, so a process uses them until it has reduced that much: small
+# fits (the sample data, tests, DVC experiments on a few hundred images) never load numba, and
+# a large fit pays at most that 0.2 s more than with the compiled kernel from its first block.
+COMPILED_AFTER_BYTES = 64 * 2**20
+_reduced_with_numpy = 0
+_numpy_bytes_lock = threading.Lock()
+
+
+def _use_compiled(nbytes: int) -> bool:
+    """True once this process has reduced ``COMPILED_AFTER_BYTES`` with numpy."""
+    global _reduced_with_numpy
+    with _numpy_bytes_lock:
+        if _reduced_with_numpy >= COMPILED_AFTER_BYTES:
+            return True
+        _reduced_with_numpy += nbytes
+        return False
+
+
 def block_moments(block: np.ndarray) -> Moments:
     """Chunk step: exact moments of one (n, H, W, C) uint8 or uint16 block.
 
-    The integer sums come from a compiled kernel (:mod:`pipeline.stats_kernel`): the numpy
-    version of the same sums ran at 0.27-0.4 GB/s on one thread, below the speed of reading
-    the store, and held the stats stage at 0.20-0.35x of a pure read. The kernel gives the
-    same integers 5x faster (bench/RESULTS.md, "Stats"). It is imported on first use, so
-    ``import pipeline`` does not pay numba's import time.
+    The integer sums come from a compiled kernel (:mod:`pipeline.stats_kernel`, 5-6x faster),
+    or for the first ``COMPILED_AFTER_BYTES`` of a process from the numpy version of the same
+    sums (:mod:`pipeline.stats_numpy`). Both give the same integers, so the result never
+    depends on which one ran.
     """
     if block.dtype not in (np.uint8, np.uint16) or block.ndim != 4:
         raise TypeError(f"expected a 4-D uint8 or uint16 block, got {block.dtype} {block.shape}")
-    from pipeline.stats_kernel import moment_sums
-
+    if _use_compiled(block.nbytes):
+        from pipeline.stats_kernel import moment_sums  # imports numba: on first use only
+    else:
+        from pipeline.stats_numpy import moment_sums
     n, h, w, c = block.shape
     pixel_sum, pixel_sumsq, histogram, image_sum, image_sumsq = moment_sums(block)
     return Moments(

@@ -8,10 +8,12 @@ a pure read of the same store. Two compiled passes over the block do the same in
 25-30 ms, with no temporaries the size of the block (numbers in bench/RESULTS.md, "Stats").
 
 Every function here only adds integers, so the results are exactly those of the numpy version
-(the tests compare the two bit for bit). The functions release the GIL (``nogil``): Dask threads
-reduce different blocks at the same time. ``cache=True`` keeps the machine code beside this file
-(in __pycache__), so only the first call after a change of this file compiles (2-3 s per dtype);
-later processes load it on their first call (about 0.6 s with numba's own imports).
+(:mod:`pipeline.stats_numpy`; the tests compare the two bit for bit). The functions release the
+GIL (``nogil``): Dask threads reduce different blocks at the same time. ``cache=True`` keeps the
+machine code beside this file (in __pycache__), so only the first call after a change of this
+file compiles (3-5 s per dtype); later processes load it on their first call (0.6-0.9 s with
+numba's own imports), which is why :func:`pipeline.stats.block_moments` reduces small fits with
+numpy instead.
 """
 
 from __future__ import annotations

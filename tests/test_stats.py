@@ -2,8 +2,9 @@
 
 Nothing here trusts the kernels' own output: every expected value is computed from the raw pixels
 with Python integers (Fraction, 50-digit Decimal square roots) or with numpy float64. The compiled
-chunk kernel is also compared bit for bit with the numpy implementation it replaced
-(``numpy_moments.py``).
+chunk kernel (``stats_kernel``) is also compared bit for bit with the numpy version of the same
+sums (``stats_numpy``, the implementation it replaced). ``block_moments`` uses the compiled kernel
+in these tests unless a test says otherwise (in a real run, small fits use numpy).
 """
 
 from __future__ import annotations
@@ -11,23 +12,39 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from decimal import Decimal, localcontext
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numpy_moments import block_moments_numpy, histogram_u8_numpy
 
-from pipeline import stats_kernel
+from pipeline import stats, stats_kernel, stats_numpy
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
 
 INT64_MAX = 2**63 - 1
 PERCENTILES = (0.0, 1.0, 12.5, 25.0, 50.0, 95.0, 99.0, 100.0)  # exact in binary and decimal
 FAST = settings(max_examples=40, deadline=None, database=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_kernel() -> Iterator[None]:
+    """block_moments uses the compiled kernel here, however little the process has reduced."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stats, "COMPILED_AFTER_BYTES", 0)
+        yield
+
+
+def block_moments_numpy(x: np.ndarray) -> Moments:
+    """block_moments with the numpy sums."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stats, "COMPILED_AFTER_BYTES", math.inf)
+        return block_moments(x)
 
 
 # --- oracles ---------------------------------------------------------------------------------
@@ -256,6 +273,14 @@ def assert_same_moments(got: Moments, expected: Moments) -> None:
         assert np.array_equal(left, right), name
 
 
+def assert_same_sums(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> None:
+    """The five integer arrays of the two moment_sums: same dtypes, shapes and values."""
+    assert len(got) == len(expected) == 5
+    for left, right in zip(got, expected, strict=True):
+        assert (left.dtype, left.shape) == (right.dtype, right.shape)
+        assert np.array_equal(left, right)
+
+
 def check_sums_against_oracle(m: Moments, x: np.ndarray) -> None:
     """Per-pixel and per-image sums from Python ints, per-image std from Fraction and float64."""
     n, h, w, c = x.shape
@@ -307,6 +332,7 @@ kernel_blocks = st.builds(
 @given(x=kernel_blocks)
 def test_kernel_bit_identical_to_numpy_path(x: np.ndarray) -> None:
     """Any n (also 0 and not a multiple of 16), odd sizes, C from 1 to 5, both dtypes."""
+    assert_same_sums(stats_kernel.moment_sums(x), stats_numpy.moment_sums(x))
     m = block_moments(x)
     assert_same_moments(m, block_moments_numpy(x))
     check_sums_against_oracle(m, x)
@@ -343,12 +369,45 @@ def test_kernel_from_threads_gives_the_same_moments() -> None:
         assert_same_moments(m, expected)
 
 
+def test_kernel_in_spawned_worker_processes() -> None:
+    """Worker processes of the processes scheduler (spawned) load and run the kernel."""
+    blocks = [make_images(k, (18, 7, 9, 3), dtype, "full")
+              for k in range(2) for dtype in (np.uint8, np.uint16)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        got = list(pool.map(stats_kernel.moment_sums, blocks))
+    for sums, x in zip(got, blocks, strict=True):
+        assert_same_sums(sums, stats_numpy.moment_sums(x))
+
+
+def test_numpy_until_the_threshold_then_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process reduces its first COMPILED_AFTER_BYTES with numpy, then loads the kernel."""
+    x = make_images(4, (6, 5, 7, 3), np.uint8, "full")
+    used: list[str] = []
+
+    def spy(name: str, fn: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
+        def wrapped(block: np.ndarray) -> Any:
+            used.append(name)
+            return fn(block)
+
+        return wrapped
+
+    monkeypatch.setattr(stats_numpy, "moment_sums", spy("numpy", stats_numpy.moment_sums))
+    monkeypatch.setattr(stats_kernel, "moment_sums", spy("compiled", stats_kernel.moment_sums))
+    monkeypatch.setattr(stats, "COMPILED_AFTER_BYTES", 3 * x.nbytes)
+    monkeypatch.setattr(stats, "_reduced_with_numpy", 0)
+    results = [block_moments(x) for _ in range(5)]
+    assert used == ["numpy"] * 3 + ["compiled"] * 2
+    for m in results[1:]:
+        assert_same_moments(m, results[0])
+
+
 # --- uint8 histograms: numpy byte pairs and kernel lanes -----------------------------------
 
 
 def u8_histograms(x: np.ndarray) -> list[np.ndarray]:
-    """The numpy path's pair-count histogram and the kernel's."""
-    return [histogram_u8_numpy(x), block_moments(x).histogram]
+    """The numpy version's pair-count histogram and the kernel's."""
+    return [stats_numpy._histogram_u8(x), block_moments(x).histogram]
 
 
 @FAST
@@ -392,7 +451,7 @@ def test_views_count_the_same(dtype: type, channels: int) -> None:
     odd = np.frombuffer(raw.tobytes(), dtype=dtype, offset=1).reshape(4, 3, 5, channels)
     for x in (strided, odd):
         if dtype == np.uint8:
-            check_histogram(histogram_u8_numpy(x), x)
+            check_histogram(stats_numpy._histogram_u8(x), x)
         m = block_moments(x)
         assert_same_moments(m, block_moments_numpy(np.ascontiguousarray(x)))
         check_sums_against_oracle(m, x)

@@ -1,20 +1,21 @@
-"""The numpy implementation of ``block_moments`` that the compiled kernel replaced.
+"""The numpy version of the chunk kernel's integer sums (see :mod:`pipeline.stats_kernel`).
 
-Kept as a second, independent reference for tests: the kernel must give the very same integers
-(and so the same float64 ``image_std``). It reduces the block with numpy passes, 16 images at a
-time, and counts the uint8 histogram as byte pairs with ``np.bincount``.
+It was the only implementation before the compiled kernel. It stays for two jobs: small fits,
+which finish before the compiled kernel would have loaded (:func:`pipeline.stats.block_moments`
+decides), and as the reference the tests compare the kernel with bit for bit. Both return the
+same integers; this one runs at 0.27-0.4 GB/s per thread.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.stats import Moments, _exact_int64, _image_std
+__all__ = ["moment_sums"]
 
-__all__ = ["block_moments_numpy", "histogram_u8_numpy"]
+SLICE_IMAGES = 16  # images per inner step: temporaries stay in cache and are reused
 
 
-def histogram_u8_numpy(block: np.ndarray) -> np.ndarray:
+def _histogram_u8(block: np.ndarray) -> np.ndarray:
     """Per-channel 256-bin histogram of a uint8 (n, H, W, C) block, C in {1, 3}.
 
     ``np.bincount`` first widens its input to int64, which made it the slowest step (0.24 GB/s
@@ -45,23 +46,22 @@ def _histogram(block: np.ndarray, pixel_max: int) -> np.ndarray:
     """Per-channel histogram with one bin per possible value."""
     channels = block.shape[-1]
     if block.dtype == np.uint8 and channels in (1, 3):
-        return histogram_u8_numpy(block)
+        return _histogram_u8(block)
     bins = pixel_max + 1
     index = block.astype(np.int64) + np.arange(channels, dtype=np.int64) * bins
     return np.bincount(index.reshape(-1), minlength=bins * channels).reshape(channels, bins)
 
 
-SLICE_IMAGES = 16  # images per inner step: temporaries stay in cache and are reused
+def moment_sums(
+    block: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact integer sums of one (n, H, W, C) uint8 or uint16 block, as the compiled kernel's.
 
-
-def block_moments_numpy(block: np.ndarray) -> Moments:
-    """Chunk step: exact moments of one (n, H, W, C) uint8 or uint16 block.
-
+    Per-pixel sums and sums of squares (H*W*C,) uint64, the per-channel histogram
+    (C, pixel_max + 1) int64, per-image, per-channel sums and sums of squares (n, C) uint64.
     Works through the block ``SLICE_IMAGES`` images at a time with reused buffers: measured
     1.5x faster than whole-block temporaries (fresh memory is expensive on these machines).
     """
-    if block.dtype not in (np.uint8, np.uint16) or block.ndim != 4:
-        raise TypeError(f"expected a 4-D uint8 or uint16 block, got {block.dtype} {block.shape}")
     n, h, w, c = block.shape
     pixel_max = 255 if block.dtype == np.uint8 else 65535
     # Squares of uint8 fit uint16 and 16 of them uint32; for uint16 both need 32 and 64 bits.
@@ -70,8 +70,10 @@ def block_moments_numpy(block: np.ndarray) -> Moments:
     pixel_sum = np.zeros(size, dtype=np.uint64)
     pixel_sumsq = np.zeros(size, dtype=np.uint64)
     histogram = np.zeros((c, pixel_max + 1), dtype=np.int64)
-    image_sum = np.empty((n, c), dtype=np.uint64)
-    image_sumsq = np.empty((n, c), dtype=np.uint64)
+    image_sum = np.zeros((n, c), dtype=np.uint64)
+    image_sumsq = np.zeros((n, c), dtype=np.uint64)
+    if size == 0:
+        return pixel_sum, pixel_sumsq, histogram, image_sum, image_sumsq
     squares = np.empty((min(n, SLICE_IMAGES), size), dtype=wide)
     partial = np.empty(size, dtype=part)
     for a in range(0, n, SLICE_IMAGES):
@@ -90,11 +92,4 @@ def block_moments_numpy(block: np.ndarray) -> Moments:
             sq.reshape(k, h, w * c).sum(axis=1, dtype=np.uint64).reshape(k, w, c).sum(axis=1)
         )
         histogram += _histogram(block[a : a + SLICE_IMAGES], pixel_max)
-    return Moments(
-        n_images=n,
-        pixel_max=pixel_max,
-        pixel_sum=_exact_int64(pixel_sum).reshape(h, w, c),
-        pixel_sumsq=_exact_int64(pixel_sumsq).reshape(h, w, c),
-        histogram=histogram,
-        image_std=_image_std(image_sum, image_sumsq, h * w),
-    )
+    return pixel_sum, pixel_sumsq, histogram, image_sum, image_sumsq
