@@ -16,10 +16,11 @@ measures, median of ``--reps`` repetitions, interleaved so slow phases of a nois
    averaged) on ``--loop-n`` images held in memory, and the std it gets vs the exact one.
 5. peak memory of a child process running ``run_stats`` on ``--mem-n`` and ``10 * --mem-n``
    images: ``VmHWM`` (and ``ru_maxrss``, which on Linux keeps the parent's high-water mark
-   across fork+exec, so it is only an upper bound here).
-6. where the time goes: each step of ``block_moments`` on one 256-image block, 1 thread vs 2
-   threads on two blocks (does the step release the GIL?), best of 5, and a cProfile of one
-   ``run_stats`` call with the synchronous scheduler.
+   across fork+exec, so it is only an upper bound here); and how long that first ``run_stats``
+   call of a fresh process takes (it includes loading the compiled kernel).
+6. where the time goes: each step of the numpy sums and of the compiled kernel on one
+   256-image block, 1 thread vs 2 threads on two blocks (does the step release the GIL?), best
+   of 5, and a cProfile of one ``run_stats`` call with the synchronous scheduler.
 
 Throughput counts uint8 pixel bytes (decimal GB). Each timed row also records the CPU time
 other processes used meanwhile ("foreign load", in cores, from /proc/stat) and the hypervisor
@@ -59,6 +60,8 @@ from cpuload import own_cpu, proc_stat
 from PIL import Image
 
 import pipeline.stats
+import pipeline.stats_kernel
+import pipeline.stats_numpy
 import pipeline.stats_stage
 from pipeline.ingest import run_ingest
 from pipeline.params import Params, parse_params
@@ -384,7 +387,7 @@ def exact_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ru_maxrss survives execve on Linux: a child forked from this (large) process starts with the
 # parent's high-water mark. VmHWM belongs to the new address space, so it starts clean at exec.
 CHILD = """
-import json, resource, sys
+import json, resource, sys, time
 from pathlib import Path
 from pipeline.params import parse_params
 from pipeline.stats_stage import run_stats
@@ -397,9 +400,11 @@ def hwm():
 
 params = parse_params({})
 before = {"ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm()}
+t0 = time.perf_counter()
 run_stats(Path(sys.argv[1]), Path(sys.argv[2]), params)
+run_s = time.perf_counter() - t0
 after = {"ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm()}
-print(json.dumps({"after_imports": before, "peak": after}))
+print(json.dumps({"after_imports": before, "peak": after, "run_stats_s": run_s}))
 """
 
 
@@ -426,7 +431,8 @@ def _best_time(fn: Callable[[], Any], reps: int) -> float:
 
 
 def kernel_steps(images_path: Path, reps: int) -> list[dict[str, Any]]:
-    """Each step of block_moments (mirrors pipeline/stats.py) on one 256-image block.
+    """Each step of block_moments on one 256-image block: the numpy version's steps (mirrors
+    pipeline/stats_numpy.py) and the compiled kernel's two passes.
 
     "1 thread" is one call on one block; "2 threads" runs the same step on two different
     blocks concurrently and reports the speed-up over doing them one after the other. Best of
@@ -451,23 +457,34 @@ def kernel_steps(images_path: Path, reps: int) -> list[dict[str, Any]]:
         s = rows[i].astype(np.uint16)
         np.multiply(s, s, out=s)
 
-    histogram = getattr(pipeline.stats, "_histogram", None)
+    histogram = getattr(pipeline.stats_numpy, "_histogram", None)
     image_std = getattr(pipeline.stats, "_image_std", None)
+    flat = [np.ascontiguousarray(b).reshape(n, -1) for b in blocks]
+    counts_like = np.empty(0, np.uint32)
     moments = [block_moments(b) for b in blocks]
     steps: list[tuple[str, Callable[[int], Any] | None]] = [
         ("read 256 images (zarr, new array)", lambda i: np.asarray(
             zarr.open_array(images_path, mode="r")[i * n : (i + 1) * n])),
         ("read 256 images (zarr, reused out=)", lambda i: arr.get_basic_selection(
             slice(i * n, (i + 1) * n), out=prototype_out)),
-        ("squares: astype(uint16), multiply", square),
-        ("pixel_sum: sum(axis=0, uint32)", lambda i: rows[i].sum(axis=0, dtype=np.uint32)),
-        ("pixel_sumsq: sum(axis=0, uint32)", lambda i: squares[i].sum(axis=0, dtype=np.uint32)),
-        ("image_sum: sum(axis=1, uint32), fold", lambda i: rows[i].reshape(n, h, w * c)
+        ("numpy: squares: astype(uint16), multiply", square),
+        ("numpy: pixel_sum: sum(axis=0, uint32)", lambda i: rows[i].sum(axis=0, dtype=np.uint32)),
+        ("numpy: pixel_sumsq: sum(axis=0, uint32)",
+         lambda i: squares[i].sum(axis=0, dtype=np.uint32)),
+        ("numpy: image_sum: sum(axis=1, uint32), fold", lambda i: rows[i].reshape(n, h, w * c)
          .sum(axis=1, dtype=np.uint32).reshape(n, w, c).sum(1)),
-        ("image_sumsq: sum(axis=1, uint64), fold", lambda i: squares[i].reshape(n, h, w * c)
+        ("numpy: image_sumsq: sum(axis=1, uint64), fold", lambda i: squares[i].reshape(n, h, w * c)
          .sum(axis=1, dtype=np.uint64).reshape(n, w, c).sum(1)),
-        ("histogram (`_histogram`: bincount of byte pairs)",
+        ("numpy: histogram (bincount of byte pairs)",
          None if histogram is None else lambda i: histogram(blocks[i], 255)),
+        ("numpy: all sums (`stats_numpy.moment_sums`)",
+         lambda i: pipeline.stats_numpy.moment_sums(blocks[i])),
+        ("compiled: per-pixel sums pass (`pixel_sums`)",
+         lambda i: pipeline.stats_kernel.pixel_sums(flat[i])),
+        ("compiled: histogram + per-image sums pass (`histogram_u8`)",
+         lambda i: pipeline.stats_kernel.histogram_u8(flat[i], c, counts_like)),
+        ("compiled: all sums (`stats_kernel.moment_sums`)",
+         lambda i: pipeline.stats_kernel.moment_sums(blocks[i])),
         ("image_std from the per-image sums",
          None if image_std is None else lambda i: image_std(sums[i][0], sums[i][1], h * w)),
         ("block_moments (whole)", lambda i: block_moments(blocks[i])),
@@ -569,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     n = args.n
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sources = {name: hashlib.sha256((REPO / "pipeline" / name).read_bytes()).hexdigest()[:12]
-               for name in ("stats.py", "stats_stage.py", "statsfile.py", "store.py")
+               for name in ("stats.py", "stats_kernel.py", "stats_numpy.py", "stats_stage.py",
+                            "statsfile.py", "store.py")
                if (REPO / "pipeline" / name).exists()}
     results: dict[str, Any] = {
         "argv": sys.argv[1:],
@@ -689,12 +707,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"textbook vs exact on n={args.textbook_n}: max |mean diff| "
           f"{tbacc['max_abs_mean_diff']:.1e}, max |std diff| {tbacc['max_abs_std_diff']:.1e}")
     print("\n| run_stats in a child | images | peak VmHWM MiB | after imports MiB "
-          "| ru_maxrss MiB (inherits parent's) |\n|---|---:|---:|---:|---:|")
+          "| ru_maxrss MiB (inherits parent's) | run_stats s (fresh process) | GB/s |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     for label in ("1x", "10x"):
         m = mem[label]
+        secs = m.get("run_stats_s")
+        rate = m["n_images"] * SIZE * SIZE * CHANNELS / secs / 1e9 if secs else float("nan")
         print(f"| {label} | {m['n_images']} | {m['peak']['vmhwm_kib'] / 1024:.0f} | "
               f"{m['after_imports']['vmhwm_kib'] / 1024:.0f} | "
-              f"{m['peak']['ru_maxrss_kib'] / 1024:.0f} |")
+              f"{m['peak']['ru_maxrss_kib'] / 1024:.0f} | {secs or float('nan'):.2f} | "
+              f"{rate:.3f} |")
     print(f"10x / 1x peak: {mem['ratio_10x_over_1x']:.2f}")
     print("\n| block_moments step (one 256-image block, best of 5) | ms | GB/s 1 thread "
           "| GB/s 2 threads "
