@@ -22,9 +22,9 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from pipeline import stats as stats_module
 from pipeline.cache import Cache, Entry, cache_key
 from pipeline.ingest import decoded_key
+from pipeline.lineage import PACKAGE_DIR
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.stats import INT64_MAX, Moments, block_moments, combine
@@ -33,6 +33,16 @@ from pipeline.store import PreparedStore, read_selection
 __all__ = ["Reuse", "fit_files", "moments_key", "reuse_moments", "save_moments"]
 
 BATCH_IMAGES = 256  # images per task when reducing added or removed images
+# The modules whose code computes moments: a change to any of them invalidates cached fits.
+MOMENTS_CODE = ("stats.py", "stats_kernel.py", "stats_numpy.py")
+
+
+def _code_sha256(names: Sequence[str]) -> str:
+    """sha256 over the named modules of this package, in order."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes())
+    return h.hexdigest()
 
 
 def fit_files(store: PreparedStore, start: int, stop: int) -> list[str] | None:
@@ -54,7 +64,7 @@ def moments_key(store: PreparedStore) -> str:
             "moments": store.attrs["decode_config"],
             "shape": list(store.images.shape[1:]),
             "dtype": str(store.images.dtype),
-            "code": hashlib.sha256(Path(stats_module.__file__).read_bytes()).hexdigest(),
+            "code": _code_sha256(MOMENTS_CODE),
         }
     )
 
