@@ -8,7 +8,9 @@ What is compared, on N synthetic photo-like JPEGs (q90, about 17 KB each) in cla
   turns the folder into pixels on disk with both cores. Timed from listing the folder to the
   last worker exiting, process start-up included.
 - pipeline: ``pipeline.ingest.run_ingest`` with ``ingest.image_size`` (formerly ``size``) equal
-  to the image size (no resize), timed as wall clock including Dask's worker start-up.
+  to the image size (no resize), timed as wall clock including Dask's worker start-up. Twice:
+  as a first run does it (an empty decode cache that the run fills, the default), and with the
+  cache off (what the cache costs when nothing can be reused).
 - variants (``--variants``): codec none / zstd / lz4, chunk_images 16 vs 64 vs 256 (shard 256),
   scheduler threads vs processes (``auto`` is processes for decoding), and the processes
   scheduler with Dask's task batching switched off (``dask.config`` ``chunksize=1``; not a
@@ -264,9 +266,11 @@ class Config:
     ingest: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
     dask: dict[str, Any] = field(default_factory=dict)
+    cache: bool = True  # an empty decode cache, filled by the run (as on a first run)
 
 
-DEFAULT = Config("default (codec none, chunk 16, shard 256, auto)")
+DEFAULT = Config("default (codec none, chunk 16, shard 256, auto, empty cache)")
+NO_CACHE = Config("default with the cache off (PIPELINE_CACHE_DIR=off)", cache=False)
 VARIANTS = [
     DEFAULT,
     Config("codec zstd level 1", ingest={"codec": "zstd", "codec_level": 1}),
@@ -289,6 +293,13 @@ def make_params(src: Path, size: int, config: Config) -> Any:
     return parse_params(raw)
 
 
+def cache_for(out: Path, config: Config) -> Any:
+    """The decode cache of a run: ``out``'s sibling folder (emptied between runs), or off."""
+    from pipeline.cache import Cache
+
+    return Cache(root=out.parent / "ingest-cache", limit=10**12, enabled=config.cache)
+
+
 def run_pipeline(src: Path, out: Path, size: int, config: Config) -> None:
     """Run ``run_ingest`` once."""
     import dask
@@ -296,7 +307,7 @@ def run_pipeline(src: Path, out: Path, size: int, config: Config) -> None:
     from pipeline.ingest import run_ingest
 
     with dask.config.set(config.dask):
-        run_ingest(src, out, make_params(src, size, config))
+        run_ingest(src, out, make_params(src, size, config), cache=cache_for(out, config))
 
 
 def output_facts(out: Path) -> dict[str, Any]:
@@ -389,8 +400,9 @@ def peak_child_main(src: Path, out: Path, size: int) -> None:
         poller = None
     t0 = time.perf_counter()
     with poller if poller is not None else contextlib.nullcontext():
-        run_ingest(src, out, params)
+        run_ingest(src, out, params, cache=cache_for(out, DEFAULT))
     elapsed = time.perf_counter() - t0
+    shutil.rmtree(out.parent / "ingest-cache", ignore_errors=True)
     kib = 1024  # ru_maxrss is in KiB on Linux
     result = {
         "seconds": elapsed,
@@ -561,6 +573,7 @@ def bench_configs(
     def cleanup() -> None:
         _fresh(out)
         _fresh(raw)
+        _fresh(work / "ingest-cache")
 
     def inspect(name: str) -> None:
         if out.exists():
@@ -707,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{results['data']['generate_seconds']:.1f} s", flush=True)
         timed = src if total == args.n else link_subset(src, work / "timed", args.n, args.classes)
         print(f"default config, n={args.n}:", flush=True)
-        rows = bench_configs(timed, work, args.n, args.size, [DEFAULT], args.reps,
+        rows = bench_configs(timed, work, args.n, args.size, [DEFAULT, NO_CACHE], args.reps,
                              args.wait_idle)
         results["default"] = [r.to_json() for r in rows]
         print(format_table(rows))
