@@ -39,6 +39,7 @@ from pipeline.images import (
 from pipeline.lineage import library_versions
 from pipeline.params import IngestParams, Params
 from pipeline.runner import run_tasks
+from pipeline.shards import write_shard
 from pipeline.store import (
     PREPARED_SCHEMA,
     atomic_output,
@@ -203,7 +204,7 @@ def _decode_shard(
     for i, record in enumerate(records):
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
-    images[start : start + len(relpaths)] = buf
+    write_shard(images, Path(images_path), start, buf)
     return records
 
 
@@ -211,7 +212,8 @@ def _copy_shard(src_path: str, dst_path: str, indices: Sequence[int], start: int
     """Gather ``indices`` from the candidate array into one whole shard of the output."""
     src = zarr.open_array(src_path, mode="r")
     dst = zarr.open_array(dst_path, mode="r+")
-    dst[start : start + len(indices)] = src.get_orthogonal_selection(np.asarray(indices))
+    block = np.asarray(src.get_orthogonal_selection(np.asarray(indices)))
+    write_shard(dst, Path(dst_path), start, block)
 
 
 def _create(group: zarr.Group, n: int, shape: tuple[int, int, int], ip: IngestParams) -> None:
