@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.lineage import code_sha256, git_revision, library_versions
 from pipeline.params import Params
 from pipeline.runner import run_tasks
+from pipeline.shards import write_shard
 from pipeline.statsfile import Stats, load_stats
 from pipeline.store import (
     atomic_output,
@@ -69,7 +70,7 @@ def _normalize_shard(
     """Read samples [start, stop), normalize, write them as one whole output shard."""
     block = read_samples(src, start, stop)
     out, used = expected_block(block, mode, constants, eps, divisor, dtype)
-    zarr.open_array(dst, mode="r+")[start:stop] = out
+    write_shard(zarr.open_array(dst, mode="r+"), Path(dst), start, out)
     return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
 
 
