@@ -1,17 +1,18 @@
 """Compiled chunk kernel behind :func:`pipeline.stats.block_moments` (numba).
 
 Why a hand-written kernel: on one 256-image block of 256x256 RGB uint8 (50 MB, one thread, 2-core
-VM) the numpy version took 124-174 ms, of which the exact per-value histogram (``np.bincount``,
-which first widens every byte to int64) took 79-87 ms and the five summing passes (each a separate
+VM) the numpy version took 124-183 ms, of which the exact per-value histogram (``np.bincount``,
+which first widens every byte to int64) took 79-95 ms and the five summing passes (each a separate
 trip through memory with its own temporaries) 52-88 ms. The stats stage then ran at 0.20-0.35x of
 a pure read of the same store. Two compiled passes over the block do the same integer work in
-25-30 ms, with no temporaries the size of the block (numbers in bench/RESULTS.md, "Stats").
+26-28 ms, with no temporaries the size of the block, and the stage reaches 0.76-0.81x of the
+pure read in its least disturbed runs (numbers in bench/RESULTS.md, "Stats").
 
 Every function here only adds integers, so the results are exactly those of the numpy version
 (:mod:`pipeline.stats_numpy`; the tests compare the two bit for bit). The functions release the
 GIL (``nogil``): Dask threads reduce different blocks at the same time. ``cache=True`` keeps the
 machine code beside this file (in __pycache__), so only the first call after a change of this
-file compiles (3-5 s per dtype); later processes load it on their first call (0.6-0.9 s with
+file compiles (2-5 s per dtype); later processes load it on their first call (0.6-0.9 s with
 numba's own imports), which is why :func:`pipeline.stats.block_moments` reduces small fits with
 numpy instead.
 """
