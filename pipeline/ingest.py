@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from pipeline.store import (
     create_images_array,
     prepared_fingerprint,
     split_ranges,
+    thread_buffer,
     write_json,
 )
 
@@ -109,18 +109,6 @@ def _probe_shape(
     return (*(params.image_size or (1, 1)), 3)
 
 
-_local = threading.local()
-
-
-def _shard_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A per-thread buffer reused across shards: a fresh 50 MB array per shard cost about
-    0.7 ms per image in page faults on these machines (glibc hands blocks this size to mmap)."""
-    buf = getattr(_local, "buffer", None)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = _local.buffer = np.empty(shape, dtype=dtype)
-    return buf
-
-
 def decode_config(ip: IngestParams, channels: int) -> str:
     """Key of everything besides a file's bytes that determines its decoded pixels.
 
@@ -180,7 +168,7 @@ def _decode_shard(
 ) -> list[dict[str, Any]]:
     """Decode the files of one shard and write the whole shard; return one record per file."""
     images = zarr.open_array(images_path, mode="r+")
-    buf = _shard_buffer((len(relpaths), *shape), images.dtype)
+    buf = thread_buffer((len(relpaths), *shape), images.dtype)
     records: list[dict[str, Any]] = []
     for i, rel in enumerate(relpaths):
         try:

@@ -50,7 +50,7 @@ def fit_range(splits: dict[str, tuple[int, int]], fit_split: str) -> tuple[int, 
 
 def _read_moments(images_path: str, start: int, stop: int) -> Moments:
     """Chunk task: read samples [start, stop) and reduce them to exact moments."""
-    return block_moments(read_samples(images_path, start, stop))
+    return block_moments(read_samples(images_path, start, stop, reuse_buffer=True))
 
 
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:

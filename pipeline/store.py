@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 import zarr.errors
+from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.errors import StoreError
 
@@ -36,6 +38,7 @@ __all__ = [
     "read_samples",
     "read_selection",
     "sha256_file",
+    "thread_buffer",
     "write_json",
     "write_small_array",
 ]
@@ -181,9 +184,30 @@ def check_splits(path: Path, group: zarr.Group, recorded: Any) -> None:
         )
 
 
-def read_samples(images_path: str, start: int, stop: int) -> np.ndarray:
-    """Samples [start, stop) of a prepared images array, or StoreError naming the damage."""
-    return _read(images_path, slice(start, stop), f"{start}..{stop - 1}")
+_local = threading.local()
+
+
+def thread_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A per-thread buffer reused across shards: a fresh 50 MB array per shard cost about
+    0.7 ms per image in page faults on these machines (glibc hands blocks this size to mmap).
+
+    The caller must be done with it before its thread asks for the next one.
+    """
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+        buf = _local.buffer = np.empty(shape, dtype=dtype)
+    return buf
+
+
+def read_samples(
+    images_path: str, start: int, stop: int, *, reuse_buffer: bool = False
+) -> np.ndarray:
+    """Samples [start, stop) of a prepared images array, or StoreError naming the damage.
+
+    ``reuse_buffer``: read into this thread's :func:`thread_buffer` (valid until the thread's
+    next read); measured 10-20 % faster for the stats pass, which only reduces each block.
+    """
+    return _read(images_path, slice(start, stop), f"{start}..{stop - 1}", reuse_buffer)
 
 
 def read_selection(images_path: str, indices: Sequence[int]) -> np.ndarray:
@@ -192,9 +216,17 @@ def read_selection(images_path: str, indices: Sequence[int]) -> np.ndarray:
     return _read(images_path, selection, f"{indices[0]}..{indices[-1]}")
 
 
-def _read(images_path: str, selection: slice | np.ndarray, shown: str) -> np.ndarray:
+def _read(
+    images_path: str, selection: slice | np.ndarray, shown: str, reuse: bool = False
+) -> np.ndarray:
     try:
         array = zarr.open_array(images_path, mode="r")
+        if isinstance(selection, slice) and reuse:
+            n = len(range(*selection.indices(array.shape[0])))
+            buf = thread_buffer((n, *array.shape[1:]), array.dtype)
+            out = default_buffer_prototype().nd_buffer.from_numpy_array(buf)
+            array.get_basic_selection(selection, out=out)
+            return buf
         if isinstance(selection, slice):
             return np.asarray(array[selection])
         return np.asarray(array.get_orthogonal_selection(selection))
