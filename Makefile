@@ -38,3 +38,4 @@ bench: setup
 	$(BIN)/python bench/bench_ingest.py
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_normalize.py
+	$(BIN)/python bench/bench_incremental.py
