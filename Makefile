@@ -39,3 +39,4 @@ bench: setup
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_normalize.py
 	$(BIN)/python bench/bench_incremental.py
+	$(BIN)/python bench/bench_cluster.py
