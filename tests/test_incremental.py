@@ -120,6 +120,16 @@ def assert_stats_match_numpy(built: Built) -> None:
     assert stats.count == stop - start
 
 
+def entry_files(cache: Cache, kind: str) -> list[Path]:
+    return sorted(e for e in (cache.root / kind).rglob("*") if e.is_file())
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
     root = tmp_path / "src"
@@ -224,13 +234,10 @@ def test_corrupted_decoded_entries_are_rebuilt_not_trusted(
 ) -> None:
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
-    entries = sorted((cache.root / "decoded").rglob("*"))
-    entries = [e for e in entries if e.is_file()]
+    entries = entry_files(cache, "decoded")
     assert len(entries) == 48
-    for e in entries[:6]:  # flip one pixel byte in six entries
-        data = bytearray(e.read_bytes())
-        data[-1] ^= 0xFF
-        e.write_bytes(bytes(data))
+    for e in entries[:6]:
+        flip_byte(e, -1)  # the last pixel byte
     second = run_both(src, tmp_path / "v2", p, cache)
     assert second.ingest.from_cache == 42
     assert_identical(second, scratch(src, tmp_path / "oracle", p))
@@ -243,10 +250,8 @@ def test_corrupted_moments_entry_means_a_full_fit(
 ) -> None:
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
-    (entry,) = [e for e in (cache.root / "moments").rglob("*") if e.is_file()]
-    data = bytearray(entry.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    entry.write_bytes(bytes(data))
+    (entry,) = entry_files(cache, "moments")
+    flip_byte(entry, entry.stat().st_size // 2)
     grow(src)
     second = run_both(src, tmp_path / "v2", p, cache)
     assert second.stats.reused is None
