@@ -100,7 +100,8 @@ def test_a_grown_image_folder_reuses_the_cache_and_matches_a_rebuild(tmp_path: P
         tmp_path, {"ingest": {"source": "data/images", "image_size": [24, 24]}}
     )
     work = made.work
-    env = {k: v for k, v in made.env.items() if k != "PIPELINE_CACHE_DIR"}  # the default place
+    # The default place: ~/.cache/pipeline under the isolated HOME.
+    env = {k: v for k, v in made.env.items() if k not in ("PIPELINE_CACHE_DIR", "XDG_CACHE_HOME")}
     rng = np.random.default_rng(5)
 
     def add_images(names: range) -> None:
