@@ -134,14 +134,16 @@ def decoded_key(file_sha256: str, config: str) -> str:
 
 
 def _decode_cached(
-    data: bytes, rel: str, params: IngestParams, channels: int, cache: Cache, config: str
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pixels and manifest record of one file: from the cache, else decoded (and cached)."""
-    sha = hashlib.sha256(data).hexdigest()
+    data: bytes, sha: str, rel: str, params: IngestParams, channels: int, cache: Cache, config: str
+) -> tuple[np.ndarray, dict[str, Any], bool]:
+    """Pixels and manifest record of one file (sha256 ``sha``), and whether they were cached.
+
+    From the cache when it holds them, else decoded and put there.
+    """
     key = decoded_key(sha, config)
     hit = cache.get("decoded", key)
     if hit is not None:
-        return hit.arrays["pixels"], {**hit.header, "cached": True}
+        return hit.arrays["pixels"], hit.header, True
     d = decode_image(data, params, channels=channels, name=rel)
     record = {
         "sha256": d.sha256,
@@ -153,7 +155,7 @@ def _decode_cached(
         "orientation": d.orientation,
     }
     cache.put("decoded", key, Entry(header=record, arrays={"pixels": d.pixels}))
-    return d.pixels, record
+    return d.pixels, record, False
 
 
 def _decode_shard(
@@ -165,11 +167,15 @@ def _decode_shard(
     shape: tuple[int, int, int],
     cache: Cache,
     config: str,
-) -> list[dict[str, Any]]:
-    """Decode the files of one shard and write the whole shard; return one record per file."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Decode the files of one shard and write the whole shard.
+
+    Returns one record per file and how many files came from the cache.
+    """
     images = zarr.open_array(images_path, mode="r+")
     buf = thread_buffer((len(relpaths), *shape), images.dtype)
     records: list[dict[str, Any]] = []
+    hits = 0
     for i, rel in enumerate(relpaths):
         try:
             with open(os.path.join(root, rel), "rb") as fh:
@@ -177,23 +183,25 @@ def _decode_shard(
         except OSError as exc:
             records.append({"error": f"cannot read: {exc.strerror}"})
             continue
+        sha = hashlib.sha256(data).hexdigest()
         try:
-            pixels, record = _decode_cached(data, rel, params, shape[2], cache, config)
+            pixels, record, cached = _decode_cached(data, sha, rel, params, shape[2], cache, config)
             if pixels.shape != shape:
                 raise DecodeError(
                     f"size {pixels.shape[1]}x{pixels.shape[0]} differs from the first "
                     f"image's {shape[1]}x{shape[0]}; set ingest.image_size to resize all images"
                 )
         except DecodeError as exc:
-            records.append({"error": str(exc), "sha256": hashlib.sha256(data).hexdigest()})
+            records.append({"error": str(exc), "sha256": sha})
             continue
         buf[i] = pixels
-        records.append(record)  # "cached" is dropped before the manifest is written
+        records.append(record)
+        hits += cached
     for i, record in enumerate(records):
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
     write_shard(images, Path(images_path), start, buf)
-    return records
+    return records, hits
 
 
 def _copy_shard(src_path: str, dst_path: str, indices: Sequence[int], start: int) -> None:
@@ -300,8 +308,8 @@ def run_ingest(
         results = run_tasks(
             tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
         )
-        records = [r for shard in results for r in shard]
-        from_cache = sum(1 for r in records if r.pop("cached", False))
+        records = [r for shard_records, _ in results for r in shard_records]
+        from_cache = sum(hits for _, hits in results)
         bad = broken + [
             (f.relpath, r["error"]) for f, r in zip(files, records, strict=True) if "error" in r
         ]
