@@ -1,9 +1,11 @@
 """A local, content-addressed cache that lets a grown dataset version reuse earlier work.
 
-Two kinds of entry, each one file named by the sha256 of what determines its content:
+Three kinds of entry:
 
-- ``decoded/``: the pixels (and manifest record) of one source file, keyed by the file's sha256,
-  the params that change decoded pixels and the versions of the decoding code and libraries;
+- ``packs/``: decoded images, a pack per shard that ingest wrote, with an index that names each
+  image by its source file's sha256 and the decode configuration (:mod:`pipeline.packs`);
+- ``hashes/``: the sha256 of each source file under a folder, by file identity, so unchanged
+  files need not be read again (:mod:`pipeline.filehash`);
 - ``moments/``: the exact integer sums of a stats fit, keyed by the prepared data's decode
   configuration, listing the files they cover.
 
@@ -50,12 +52,14 @@ __all__ = [
     "default_dir",
     "open_cache",
     "parse_size",
+    "read_entry",
+    "write_entry",
 ]
 
 CACHE_DIR_ENV = "PIPELINE_CACHE_DIR"
 CACHE_LIMIT_ENV = "PIPELINE_CACHE_LIMIT"
 DEFAULT_LIMIT = 10 * 10**9
-KINDS = ("decoded", "moments")
+KINDS = ("packs", "hashes", "moments")
 MAGIC = b"pipeline-cache/2\n"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -93,6 +97,7 @@ class CacheInfo:
     limit: int
     entries: dict[str, int]
     bytes: dict[str, int]
+    shared: int  # bytes of packs that are also files of prepared stores (hard links)
 
 
 def _digest(meta: dict[str, Any], payload: Sequence[memoryview]) -> int:
@@ -150,6 +155,38 @@ def _decode(data: bytes) -> Entry | None:
         return None
 
 
+def _last_use(members: Sequence[tuple[os.stat_result, Path]]) -> int:
+    """When an entry was last used: for a pack, its index's mtime (never the pack's own)."""
+    marks = [st.st_mtime_ns for st, f in members if f.suffix != ".pack"]
+    return max(marks or [st.st_mtime_ns for st, _ in members])
+
+
+def read_entry(path: Path) -> Entry | None:
+    """The verified entry in file ``path``; None when it is missing or damaged (then removed)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    entry = _decode(data)
+    if entry is None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return entry
+
+
+def write_entry(path: Path, entry: Entry) -> None:
+    """Write ``entry`` to ``path`` through a temporary file; a failure only costs time later."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.writelines(_encode(entry))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 @dataclass(frozen=True)
 class Cache:
     """A cache folder; ``enabled`` is False when caching is switched off."""
@@ -166,33 +203,16 @@ class Cache:
         if not self.enabled:
             return None
         path = self._path(kind, key)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        entry = _decode(data)
-        if entry is None:
+        entry = read_entry(path)
+        if entry is not None:
             with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # most recently used: trimmed last
+                os.utime(path)  # most recently used: trimmed last
         return entry
 
     def put(self, kind: str, key: str, entry: Entry) -> None:
         """Store ``entry``; a cache that cannot be written only costs time later."""
-        if not self.enabled:
-            return
-        path = self._path(kind, key)
-        tmp = path.parent / f".{key}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.writelines(_encode(entry))
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        if self.enabled:
+            write_entry(self._path(kind, key), entry)
 
     def _files(self) -> Iterator[tuple[str, os.stat_result, Path]]:
         for kind in KINDS:
@@ -206,29 +226,43 @@ class Cache:
                             yield kind, f.stat(), f
 
     def info(self) -> CacheInfo:
-        """Entry count and bytes per kind."""
+        """Entry count and bytes per kind (a pack and its index count as one entry)."""
         entries = dict.fromkeys(KINDS, 0)
         sizes = dict.fromkeys(KINDS, 0)
+        shared = 0
         for kind, st, f in self._files():
-            if not f.name.startswith("."):
+            if not f.name.startswith(".") and f.suffix != ".pack":
                 entries[kind] += 1
             sizes[kind] += st.st_size
-        return CacheInfo(root=self.root, limit=self.limit, entries=entries, bytes=sizes)
+            shared += st.st_size if f.suffix == ".pack" and st.st_nlink > 1 else 0
+        return CacheInfo(
+            root=self.root, limit=self.limit, entries=entries, bytes=sizes, shared=shared
+        )
 
     def trim(self) -> int:
-        """Remove least recently used entries until the cache fits its limit; return bytes freed."""
+        """Remove least recently used entries until the cache fits its limit; return bytes freed.
+
+        A pack and its index (``NAME.pack``, ``NAME.json``) go together, aged by the index, which
+        readers touch: touching the pack would touch the output file it is a hard link of.
+        """
         if not self.enabled:
             return 0
-        files = sorted((st.st_mtime_ns, st.st_size, f) for _, st, f in self._files())
-        total = sum(size for _, size, _ in files)
+        units: dict[Path, list[tuple[os.stat_result, Path]]] = {}
+        for kind, st, f in self._files():
+            unit = f.with_suffix("") if kind == "packs" else f
+            units.setdefault(unit, []).append((st, f))
+        ranked = sorted((_last_use(members), str(unit), members) for unit, members in units.items())
+        total = sum(st.st_size for members in units.values() for st, _ in members)
         freed = 0
         stale = time.time_ns() - 3600 * 10**9  # temporary files of runs killed an hour ago
-        for mtime, size, f in files:
-            if total - freed <= self.limit and not (f.name.startswith(".") and mtime < stale):
+        for mtime, name, members in ranked:
+            temporary = Path(name).name.startswith(".")
+            if total - freed <= self.limit and not (temporary and mtime < stale):
                 continue
-            with contextlib.suppress(OSError):
-                f.unlink()
-                freed += size
+            for st, f in sorted(members, key=lambda m: m[1].suffix == ".pack"):  # index first
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    freed += st.st_size
         return freed
 
     def clear(self) -> int:

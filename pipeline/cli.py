@@ -284,6 +284,11 @@ def cache_info(directory: CacheDirOption = None) -> None:
         typer.echo(f"  {kind:8} {info.entries[kind]:>8} entries  {_size(info.bytes[kind]):>10}")
     total = sum(info.bytes.values())
     typer.echo(f"  total    {_size(total):>28} of {_size(info.limit)} (PIPELINE_CACHE_LIMIT)")
+    if info.shared:
+        typer.echo(
+            f"  {_size(info.shared)} of the packs are hard links of prepared stores' shards: "
+            f"no extra disk space while those stores exist"
+        )
 
 
 @cache_app.command("clear")

@@ -4,8 +4,8 @@ The statistics are exact integer sums (:mod:`pipeline.stats`), so the sums over 
 version are the sums over an earlier version plus those of the added images minus those of
 the removed ones, exactly: the result is bit-identical to a fit from scratch. The earlier sums
 are kept in the cache (``moments`` entries, with the sha256 of every file they cover, in
-store order); the pixels of added and removed images come from the cache's ``decoded``
-entries, which ingest writes, or for added images from the prepared store itself. When
+store order); the pixels of added images come from the prepared store, those of removed
+images from the packs of decoded images that ingest keeps in the cache. When
 anything needed is missing, :func:`reuse_moments` returns None and the caller fits from
 scratch.
 """
@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from pipeline.cache import Cache, Entry, cache_key
 from pipeline.ingest import decoded_key
 from pipeline.lineage import PACKAGE_DIR
+from pipeline.packs import Packed, load_index, mark_used, read_packed
 from pipeline.params import Params
 from pipeline.runner import run_tasks
 from pipeline.stats import INT64_MAX, Moments, block_moments, combine
@@ -110,43 +112,23 @@ def _load(cache: Cache, key: str) -> tuple[list[str], Moments] | None:
     )
 
 
-def _batch_moments(
-    cache: Cache, config: str, shas: Sequence[str], indices: Sequence[int] | None, path: str
-) -> Moments | None:
-    """Moments of the images of ``shas``: cached pixels, else samples ``indices`` of the store."""
-    pixels: list[np.ndarray | None] = []
-    for sha in shas:
-        entry = cache.get("decoded", decoded_key(sha, config))
-        pixels.append(None if entry is None else entry.arrays["pixels"])
-    missing = [i for i, p in enumerate(pixels) if p is None]
-    if missing:
-        if indices is None:
-            return None
-        read = read_selection(path, [indices[i] for i in missing])
-        for i, image in zip(missing, read, strict=True):
-            pixels[i] = image
-    return block_moments(np.stack(pixels))  # type: ignore[arg-type]
+def _stored_moments(path: str, indices: Sequence[int]) -> Moments:
+    """Moments of samples ``indices`` of the prepared images array at ``path``."""
+    return block_moments(read_selection(path, list(indices)))
 
 
-def _moments_of(
-    cache: Cache,
-    config: str,
-    shas: Sequence[str],
-    indices: Sequence[int] | None,
-    path: str,
-    params: Params,
+def _packed_moments(
+    located: Sequence[Packed], shape: tuple[int, ...], dtype: str
 ) -> Moments | None:
-    """Moments of many images, in batches as Dask tasks; None if some pixels cannot be had."""
-    tasks = [
-        dask.delayed(_batch_moments, pure=True)(
-            cache,
-            config,
-            shas[a : a + BATCH_IMAGES],
-            None if indices is None else indices[a : a + BATCH_IMAGES],
-            path,
-        )
-        for a in range(0, len(shas), BATCH_IMAGES)
-    ]
+    """Moments of images kept in cache packs; None when one of them is missing or damaged."""
+    block = np.empty((len(located), *shape), dtype=dtype)
+    if not all(read_packed(where, block[i]) for i, where in enumerate(located)):
+        return None
+    return block_moments(block)
+
+
+def _moments_of(tasks: Sequence[Any], params: Params, path: str) -> Moments | None:
+    """Combined moments of Dask tasks that each reduce a batch; None if one could not."""
     parts = run_tasks(tasks, params.base, kind="reduce", shared=[Path(path)])
     if any(p is None for p in parts):
         return None
@@ -193,8 +175,14 @@ def reuse_moments(
             if wanted.get(sha, 0) > 0:
                 wanted[sha] -= 1
                 picked.append((sha, start + offset))
+        indices = [i for _, i in picked]
         plus = _moments_of(
-            cache, config, [s for s, _ in picked], [i for _, i in picked], path, params
+            [
+                dask.delayed(_stored_moments, pure=True)(path, indices[a : a + BATCH_IMAGES])
+                for a in range(0, len(indices), BATCH_IMAGES)
+            ],
+            params,
+            path,
         )
         if plus is None:
             return None
@@ -202,7 +190,20 @@ def reuse_moments(
         result = combine([result, plus])
     if removed:
         gone = [sha for sha, k in sorted(removed.items()) for _ in range(k)]
-        minus = _moments_of(cache, config, gone, None, path, params)
+        index = load_index(cache, config)
+        located = [index.get(decoded_key(sha, config)) for sha in gone]
+        if any(where is None for where in located):
+            return None
+        layout = (tuple(store.images.shape[1:]), str(store.images.dtype))
+        minus = _moments_of(
+            [
+                dask.delayed(_packed_moments, pure=True)(located[a : a + BATCH_IMAGES], *layout)
+                for a in range(0, len(located), BATCH_IMAGES)
+            ],
+            params,
+            path,
+        )
+        mark_used(w for w in located if w is not None)
         if minus is None:
             return None
         result = Moments(

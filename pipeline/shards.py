@@ -62,8 +62,8 @@ def _plain_layout(array: zarr.Array) -> tuple[int, int] | None:
     return array.chunks[0], array.shards[0]
 
 
-def _write_plain(array_dir: Path, start: int, block: np.ndarray, chunk: int, shard: int) -> None:
-    """The shard file holding samples [start, start + len(block)), written from ``block``."""
+def _write_plain(array_dir: Path, start: int, block: np.ndarray, chunk: int, shard: int) -> Path:
+    """Write the shard file holding samples [start, start + len(block)) from ``block``."""
     n = len(block)
     data = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
     per_chunk = chunk * data[0].nbytes if n else 0
@@ -77,20 +77,23 @@ def _write_plain(array_dir: Path, start: int, block: np.ndarray, chunk: int, sha
     key.parent.mkdir(parents=True, exist_ok=True)
     with open(key, "wb") as f:
         f.writelines([data.reshape(-1).view(np.uint8).data, padding, index.tobytes(), checksum])
+    return key
 
 
-def write_shard(array: zarr.Array, array_dir: Path, start: int, block: np.ndarray) -> None:
+def write_shard(array: zarr.Array, array_dir: Path, start: int, block: np.ndarray) -> Path | None:
     """Write samples [start, start + len(block)) of ``array``: one whole shard.
 
-    ``start`` must begin a shard and ``block`` fill it (or reach the end of the array).
+    ``start`` must begin a shard and ``block`` fill it (or reach the end of the array). Returns
+    the shard file when it was written here, so that it holds ``block``'s bytes from offset 0
+    (the uncompressed layout); None when zarr wrote it.
     """
     layout = _plain_layout(array)
     if layout is None:
         array[start : start + len(block)] = block
-        return
+        return None
     chunk, shard = layout
     if start % shard or len(block) != min(shard, array.shape[0] - start):
         raise ValueError(f"samples [{start}, {start + len(block)}) are not one whole shard")
     if block.dtype != array.dtype or block.shape[1:] != array.shape[1:]:
         raise ValueError(f"block {block.dtype} {block.shape} does not fit array {array}")
-    _write_plain(Path(os.fspath(array_dir)), start, block, chunk, shard)
+    return _write_plain(Path(os.fspath(array_dir)), start, block, chunk, shard)

@@ -36,11 +36,11 @@ def assert_same(a: Entry, b: Entry) -> None:
 
 def test_entry_round_trip(tmp_path: Path) -> None:
     cache = Cache(root=tmp_path, limit=10**9)
-    cache.put("decoded", "ab" * 32, entry(1))
-    got = cache.get("decoded", "ab" * 32)
+    cache.put("hashes", "ab" * 32, entry(1))
+    got = cache.get("hashes", "ab" * 32)
     assert got is not None
     assert_same(entry(1), got)
-    assert cache.get("decoded", "cd" * 32) is None
+    assert cache.get("hashes", "cd" * 32) is None
     assert cache.get("moments", "ab" * 32) is None  # kinds do not mix
 
 
@@ -60,8 +60,8 @@ def test_zero_size_and_empty_arrays_round_trip(tmp_path: Path) -> None:
 def test_damaged_entry_is_detected_and_removed(tmp_path: Path, damage: str) -> None:
     cache = Cache(root=tmp_path, limit=10**9)
     key = "ef" * 32
-    cache.put("decoded", key, entry(2))
-    (path,) = (tmp_path / "decoded").rglob(key)
+    cache.put("hashes", key, entry(2))
+    (path,) = (tmp_path / "hashes").rglob(key)
     data = bytearray(path.read_bytes())
     if damage == "flip_payload_byte":
         data[-10] ^= 0x01
@@ -76,10 +76,10 @@ def test_damaged_entry_is_detected_and_removed(tmp_path: Path, damage: str) -> N
     else:
         data += b"\0" * 8
     path.write_bytes(bytes(data))
-    assert cache.get("decoded", key) is None
+    assert cache.get("hashes", key) is None
     assert not path.exists()  # removed, so the next run rebuilds it
-    cache.put("decoded", key, entry(2))
-    got = cache.get("decoded", key)
+    cache.put("hashes", key, entry(2))
+    got = cache.get("hashes", key)
     assert got is not None
     assert_same(entry(2), got)
 
@@ -87,56 +87,56 @@ def test_damaged_entry_is_detected_and_removed(tmp_path: Path, damage: str) -> N
 def test_payload_bytes_swapped_between_arrays_are_detected(tmp_path: Path) -> None:
     """Same bytes, other layout: the header's array layout is covered by the check too."""
     cache = Cache(root=tmp_path, limit=10**9)
-    cache.put("decoded", "aa" * 32, entry(3, n=8))
-    (path,) = (tmp_path / "decoded").rglob("aa" * 32)
+    cache.put("hashes", "aa" * 32, entry(3, n=8))
+    (path,) = (tmp_path / "hashes").rglob("aa" * 32)
     data = path.read_bytes().replace(b'"shape":[8]', b'"shape":[4]', 1)
     path.write_bytes(data)
-    assert cache.get("decoded", "aa" * 32) is None
+    assert cache.get("hashes", "aa" * 32) is None
 
 
 def test_edited_header_is_detected(tmp_path: Path) -> None:
     """The header (a manifest record, for decoded images) is covered by the check too."""
     cache = Cache(root=tmp_path, limit=10**9)
-    cache.put("decoded", "bb" * 32, entry(4))
-    (path,) = (tmp_path / "decoded").rglob("bb" * 32)
+    cache.put("hashes", "bb" * 32, entry(4))
+    (path,) = (tmp_path / "hashes").rglob("bb" * 32)
     path.write_bytes(path.read_bytes().replace(b'"width":7', b'"width":8', 1))
-    assert cache.get("decoded", "bb" * 32) is None
+    assert cache.get("hashes", "bb" * 32) is None
 
 
 def test_trim_removes_least_recently_used_first(tmp_path: Path) -> None:
     cache = Cache(root=tmp_path, limit=10**9)
     keys = [f"{i:02d}" * 32 for i in range(6)]
     for i, key in enumerate(keys):
-        cache.put("decoded", key, entry(i, n=10_000))
-        path = next((tmp_path / "decoded").rglob(key))
+        cache.put("hashes", key, entry(i, n=10_000))
+        path = next((tmp_path / "hashes").rglob(key))
         os.utime(path, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
-    size = next((tmp_path / "decoded").rglob(keys[0])).stat().st_size
-    assert cache.get("decoded", keys[0]) is not None  # a hit makes it the most recent
+    size = next((tmp_path / "hashes").rglob(keys[0])).stat().st_size
+    assert cache.get("hashes", keys[0]) is not None  # a hit makes it the most recent
     small = Cache(root=tmp_path, limit=3 * size)
     assert small.trim() == 3 * size
-    left = {p.name for p in (tmp_path / "decoded").rglob("*") if p.is_file()}
+    left = {p.name for p in (tmp_path / "hashes").rglob("*") if p.is_file()}
     assert left == {keys[0], keys[4], keys[5]}
-    assert small.info().entries == {"decoded": 3, "moments": 0}
+    assert small.info().entries == {"packs": 0, "hashes": 3, "moments": 0}
 
 
 def test_trim_removes_stale_temporary_files(tmp_path: Path) -> None:
     cache = Cache(root=tmp_path, limit=10**9)
-    cache.put("decoded", "ab" * 32, entry(1))
-    stale = tmp_path / "decoded" / "ab" / (".x.tmp-0")
-    fresh = tmp_path / "decoded" / "ab" / (".y.tmp-1")
+    cache.put("hashes", "ab" * 32, entry(1))
+    stale = tmp_path / "hashes" / "ab" / (".x.tmp-0")
+    fresh = tmp_path / "hashes" / "ab" / (".y.tmp-1")
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"partial")
     os.utime(stale, ns=(10**18, 10**18))  # 2001: long dead
     cache.trim()
     assert not stale.exists()
     assert fresh.exists()  # may belong to a run in progress
-    assert cache.get("decoded", "ab" * 32) is not None
+    assert cache.get("hashes", "ab" * 32) is not None
 
 
 def test_disabled_cache_stores_nothing(tmp_path: Path) -> None:
     cache = Cache(root=tmp_path / "c", limit=10**9, enabled=False)
-    cache.put("decoded", "ab" * 32, entry(1))
-    assert cache.get("decoded", "ab" * 32) is None
+    cache.put("hashes", "ab" * 32, entry(1))
+    assert cache.get("hashes", "ab" * 32) is None
     assert not (tmp_path / "c").exists()
 
 
@@ -144,8 +144,8 @@ def test_unwritable_cache_only_costs_time(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cache = Cache(root=blocker, limit=10**9)
-    cache.put("decoded", "ab" * 32, entry(1))  # no exception
-    assert cache.get("decoded", "ab" * 32) is None
+    cache.put("hashes", "ab" * 32, entry(1))  # no exception
+    assert cache.get("hashes", "ab" * 32) is None
 
 
 def test_cache_key_is_stable_and_order_free() -> None:
@@ -190,20 +190,20 @@ def test_open_cache_reads_the_environment(
 
 def test_cli_info_and_clear(tmp_path: Path) -> None:
     cache = Cache(root=tmp_path / "c", limit=10**9)
-    cache.put("decoded", "ab" * 32, entry(1, n=50_000))
+    cache.put("hashes", "ab" * 32, entry(1, n=50_000))
     cache.put("moments", "cd" * 32, entry(2))
     runner = CliRunner()
     info = runner.invoke(app, ["cache", "info", "--dir", str(tmp_path / "c")])
     assert info.exit_code == 0, info.output
     assert str(tmp_path / "c") in info.output
-    assert "decoded" in info.output
+    assert "hashes" in info.output
     assert "moments" in info.output
     assert "        1 entries" in info.output
     cleared = runner.invoke(app, ["cache", "clear", "--dir", str(tmp_path / "c")])
     assert cleared.exit_code == 0, cleared.output
     assert "cleared 0.1 MB" in cleared.output
-    assert cache.info().entries == {"decoded": 0, "moments": 0}
-    assert cache.get("decoded", "ab" * 32) is None
+    assert cache.info().entries == {"packs": 0, "hashes": 0, "moments": 0}
+    assert cache.get("hashes", "ab" * 32) is None
 
 
 def test_cli_bad_limit_is_one_line(tmp_path: Path) -> None:

@@ -229,20 +229,41 @@ def test_params_that_do_not_change_pixels_keep_the_reuse(
     assert_identical(second, scratch(src, tmp_path / "oracle", p))
 
 
-def test_corrupted_decoded_entries_are_rebuilt_not_trusted(
+def packs(cache: Cache) -> list[Path]:
+    return sorted(cache.root.glob("packs/*/*.pack"))
+
+
+def test_damaged_packs_are_decoded_again_not_trusted(
     src: Path, cache: Cache, tmp_path: Path
 ) -> None:
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
-    entries = entry_files(cache, "decoded")
-    assert len(entries) == 48
-    for e in entries[:6]:
-        flip_byte(e, -1)  # the last pixel byte
+    kept = packs(cache)
+    assert len(kept) == 12  # one per shard of 4
+    for pack in kept[:6]:
+        flip_byte(pack, 0)  # the first byte of the shard's first image
     second = run_both(src, tmp_path / "v2", p, cache)
     assert second.ingest.from_cache == 42
     assert_identical(second, scratch(src, tmp_path / "oracle", p))
-    third = run_both(src, tmp_path / "v3", p, cache)  # the six were written again
+    third = run_both(src, tmp_path / "v3", p, cache)  # the six are in the new packs
     assert third.ingest.from_cache == 48
+    assert not set(kept) & set(packs(cache))  # the packs of v1, all superseded, are gone
+    assert len(packs(cache)) == 24  # those of v2 (superseded only now) and v3
+
+
+def test_cut_or_missing_packs_and_damaged_indices_are_misses(
+    src: Path, cache: Cache, tmp_path: Path
+) -> None:
+    p = make_params()
+    run_both(src, tmp_path / "v1", p, cache)
+    cut, gone, bad_index = packs(cache)[:3]
+    with open(cut, "r+b") as f:
+        f.truncate(0)
+    gone.unlink()
+    flip_byte(bad_index.with_suffix(".json"), -3)
+    second = run_both(src, tmp_path / "v2", p, cache)
+    assert second.ingest.from_cache == 48 - 3 * 4
+    assert_identical(second, scratch(src, tmp_path / "oracle", p))
 
 
 def test_corrupted_moments_entry_means_a_full_fit(
@@ -263,7 +284,7 @@ def test_removed_images_without_cached_pixels_mean_a_full_fit(
 ) -> None:
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
-    shutil.rmtree(cache.root / "decoded")
+    shutil.rmtree(cache.root / "packs")
     for path in sorted(src.rglob("*.png"))[:3]:
         path.unlink()
     second = run_both(src, tmp_path / "v2", p, cache)
@@ -273,12 +294,12 @@ def test_removed_images_without_cached_pixels_mean_a_full_fit(
 
 
 def test_only_added_images_read_from_the_store(src: Path, cache: Cache, tmp_path: Path) -> None:
-    """No removed images, decoded entries gone: the added ones come from the prepared store."""
+    """No removed images, packs gone: the added ones come from the prepared store."""
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
     for i in range(200, 206):
         write(src, f"c/{i}.png", seed=i)
-    shutil.rmtree(cache.root / "decoded")
+    shutil.rmtree(cache.root / "packs")
     second = run_both(src, tmp_path / "v2", p, cache)
     assert second.stats.reused is not None
     assert second.stats.reused.added > 0
