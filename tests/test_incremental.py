@@ -9,6 +9,8 @@ fit are also checked against numpy float64 over the prepared store (an independe
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,9 +268,35 @@ def test_cut_or_missing_packs_and_damaged_indices_are_misses(
     assert_identical(second, scratch(src, tmp_path / "oracle", p))
 
 
-def test_corrupted_moments_entry_means_a_full_fit(
+def manifest_sha(out: Path, rel: str) -> str:
+    rows = [json.loads(x) for x in (out / "prepared" / "manifest.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["path"] == rel]
+    return str(row["sha256"])
+
+
+def test_files_whose_identity_is_unchanged_are_not_read_again(
     src: Path, cache: Cache, tmp_path: Path
 ) -> None:
+    """Like DVC and git: same inode, size and mtime means the same bytes, so the file is not
+    even opened. Shown by changing a file behind that check's back (same size, mtime put back):
+    the run keeps the remembered hash and pixels. An ordinary edit (new mtime) is seen."""
+    past = 1_600_000_000 * 10**9
+    for path in src.rglob("*.*"):
+        os.utime(path, ns=(past, past))  # not "racily" new: remembered by the first run
+    p = make_params()
+    first = run_both(src, tmp_path / "v1", p, cache)
+    sneaky, edited = src / "a/003.png", src / "b/004.jpg"
+    old_sha = manifest_sha(first.out, "a/003.png")
+    flip_byte(sneaky, sneaky.stat().st_size // 2)
+    os.utime(sneaky, ns=(past, past))
+    write(src, "b/004.jpg", seed=999)
+    second = run_both(src, tmp_path / "v2", p, cache)
+    assert second.ingest.from_cache == 47  # all but the edited file
+    assert manifest_sha(second.out, "a/003.png") == old_sha  # the changed bytes were not read
+    assert manifest_sha(second.out, "b/004.jpg") == hashlib.sha256(edited.read_bytes()).hexdigest()
+
+
+def test_corrupted_moments_entry_means_a_full_fit(src: Path, cache: Cache, tmp_path: Path) -> None:
     p = make_params()
     run_both(src, tmp_path / "v1", p, cache)
     (entry,) = entry_files(cache, "moments")
@@ -344,9 +372,7 @@ def test_non_train_fit_reuses_too(src: Path, cache: Cache, tmp_path: Path) -> No
     assert_identical(second, scratch(src, tmp_path / "oracle", p))
 
 
-def test_a_tiny_limit_keeps_the_cache_small_and_the_output_right(
-    src: Path, tmp_path: Path
-) -> None:
+def test_a_tiny_limit_keeps_the_cache_small_and_the_output_right(src: Path, tmp_path: Path) -> None:
     small = Cache(root=tmp_path / "cache", limit=20_000)
     p = make_params()
     run_both(src, tmp_path / "v1", p, small)
