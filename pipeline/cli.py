@@ -38,6 +38,9 @@ ParamsOption = Annotated[
 ]
 
 
+PREPARED_HELP = "Prepared folder written by `pipeline ingest`: a path or an fsspec URL."
+
+
 def _reports_errors(fn: F) -> F:
     """Turn PipelineError into one stderr message and exit status 1."""
 
@@ -74,9 +77,12 @@ def sample(
 @app.command()
 @_reports_errors
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
+    source: Annotated[
+        str, typer.Argument(help="Image folder (searched recursively): path or fsspec URL.")
+    ],
     out: Annotated[
-        Path, typer.Argument(help="Output folder: images.zarr, manifest, rejected.json.")
+        str,
+        typer.Argument(help="Output folder: images.zarr, manifest, rejected.json; path or URL."),
     ],
     params: ParamsOption = None,
 ) -> None:
@@ -99,14 +105,18 @@ def ingest(
 @app.command()
 @_reports_errors
 def stats(
-    prepared: Annotated[Path, typer.Argument(help="Prepared folder written by `pipeline ingest`.")],
-    out_dir: Annotated[Path, typer.Argument(help="Output folder: stats.json and stats.zarr.")],
+    prepared: Annotated[str, typer.Argument(help=PREPARED_HELP)],
+    out_dir: Annotated[
+        str, typer.Argument(help="Output folder: stats.json and stats.zarr; path or URL.")
+    ],
     params: ParamsOption = None,
 ) -> None:
     """Fit exact statistics on the stats.fit_split split of PREPARED, in one chunked pass."""
+    from pipeline.location import parse_location
     from pipeline.stats_stage import run_stats
 
-    run = run_stats(prepared / "images.zarr", out_dir, load_params(params), progress=True)
+    images = parse_location(prepared, "PREPARED") / "images.zarr"
+    run = run_stats(images, out_dir, load_params(params), progress=True)
     doc = run.document
     if run.reused is not None:
         typer.echo(
@@ -125,9 +135,13 @@ def stats(
 @app.command()
 @_reports_errors
 def normalize(
-    prepared: Annotated[Path, typer.Argument(help="Prepared folder written by `pipeline ingest`.")],
-    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
-    out: Annotated[Path, typer.Argument(help="Output folder for the normalized images.zarr.")],
+    prepared: Annotated[str, typer.Argument(help=PREPARED_HELP)],
+    stats_dir: Annotated[
+        str, typer.Argument(help="Stats folder written by `pipeline stats`; path or URL.")
+    ],
+    out: Annotated[
+        str, typer.Argument(help="Output folder for the normalized images.zarr; path or URL.")
+    ],
     params: ParamsOption = None,
 ) -> None:
     """Apply the fitted statistics to every split of PREPARED: OUT/images.zarr with lineage."""

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import StoreError
+from pipeline.location import Location
 from pipeline.params import IngestParams
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "SourceFile",
     "decode_image",
     "list_images",
+    "list_remote_images",
     "output_channels",
     "split_of",
 ]
@@ -115,6 +117,26 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             else:
                 found.append(rel)
     return sorted(found), sorted(broken)
+
+
+def list_remote_images(root: Location) -> tuple[list[str], list[tuple[str, str]]]:
+    """:func:`list_images` for a folder given by an fsspec URL (object storage).
+
+    The same rules: sorted relative POSIX paths, hidden files and folders, OS junk and files
+    without an image extension ignored. Object stores have no symlinks or special files, so
+    the list of unusable entries is always empty.
+    """
+    if not root.is_dir():
+        raise StoreError(
+            f"Source folder {root} does not exist or is not a folder (no objects under it)."
+        )
+    found = [
+        rel
+        for rel in root.files()
+        if not any(_is_junk(part) for part in rel.split("/"))
+        and os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
+    ]
+    return sorted(found), []
 
 
 def split_of(relpath: str, *, val: float, test: float) -> str:

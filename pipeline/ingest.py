@@ -7,7 +7,9 @@ tasks ever write into the same shard (concurrent partial-shard writes lose data)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -35,17 +37,20 @@ from pipeline.images import (
     SourceFile,
     decode_image,
     list_images,
+    list_remote_images,
     output_channels,
     split_of,
 )
 from pipeline.lineage import library_versions
+from pipeline.location import Location, parse_location
 from pipeline.packs import Packed, add_pack, image_crc, load_index, mark_used, read_packed
 from pipeline.params import IngestParams, Params
+from pipeline.publish import publish
+from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.shards import write_shard
 from pipeline.store import (
     PREPARED_SCHEMA,
-    atomic_output,
     create_images_array,
     prepared_fingerprint,
     split_ranges,
@@ -94,12 +99,14 @@ def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
 
 
 def _probe_shape(
-    root: Path, files: Sequence[SourceFile], params: IngestParams
+    root: Location, files: Sequence[SourceFile], params: IngestParams
 ) -> tuple[int, int, int]:
     """(H, W, C) of the store: ingest.image_size, or the first readable image's upright size."""
     for f in files:
         try:
-            with Image.open(root / f.relpath) as im:
+            where = root / f.relpath
+            source = where.local if where.local else io.BytesIO(where.read_bytes())
+            with Image.open(source) as im:
                 mode = im.mode
                 w, h = im.size
                 if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
@@ -154,10 +161,17 @@ def _record(d: Decoded) -> dict[str, Any]:
     }
 
 
+def _read_remote(root: Location, relpaths: Sequence[str]) -> dict[str, bytes | Exception]:
+    """The bytes of each file (or the error reading it), fetched concurrently by fsspec."""
+    paths = {(root / rel).path: rel for rel in relpaths}
+    got = root.fs.cat(list(paths), on_error="return")
+    return {paths[p]: data for p, data in got.items()}
+
+
 def _decode_shard(
-    root: str,
+    root: Location,
     work: bytes,
-    images_path: str,
+    images: Location,
     start: int,
     params: IngestParams,
     shape: tuple[int, int, int],
@@ -171,8 +185,9 @@ def _decode_shard(
     The shard is then kept in the cache as a pack of all its images.
     """
     items: list[tuple[str, Packed | None]] = pickle.loads(work)
-    images = zarr.open_array(images_path, mode="r+")
-    buf = thread_buffer((len(items), *shape), images.dtype)
+    array = zarr.open_array(images.zarr(), mode="r+")
+    buf = thread_buffer((len(items), *shape), array.dtype)
+    fetched = {} if root.local else _read_remote(root, [rel for rel, c in items if c is None])
     records: list[dict[str, Any]] = []
     keep: list[tuple[int, str, int, dict[str, Any]]] = []
     hits = 0
@@ -184,12 +199,19 @@ def _decode_shard(
             )
             hits += 1
             continue
-        try:
-            with open(os.path.join(root, rel), "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            records.append({"error": f"cannot read: {exc.strerror}"})
-            continue
+        if root.local is None:
+            got = fetched[rel]
+            if isinstance(got, Exception):
+                records.append({"error": f"cannot read: {got}"})
+                continue
+            data = got
+        else:
+            try:
+                with open(os.path.join(root.local, rel), "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                records.append({"error": f"cannot read: {exc.strerror}"})
+                continue
         try:
             d = decode_image(data, params, channels=shape[2], name=rel)
             if d.pixels.shape != shape:
@@ -208,7 +230,7 @@ def _decode_shard(
     for i, record in enumerate(records):
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
-    shard_file = write_shard(images, Path(images_path), start, buf)
+    shard_file = write_shard(array, images.local, start, buf)
     add_pack(cache, config, buf, keep, shard_file=shard_file)
     return records, hits
 
@@ -236,12 +258,12 @@ def _locate(
     return {rel: where for rel, where in found.items() if where is not None}
 
 
-def _copy_shard(src_path: str, dst_path: str, indices: Sequence[int], start: int) -> None:
+def _copy_shard(src_path: Location, dst_path: Location, indices: Sequence[int], start: int) -> None:
     """Gather ``indices`` from the candidate array into one whole shard of the output."""
-    src = zarr.open_array(src_path, mode="r")
-    dst = zarr.open_array(dst_path, mode="r+")
+    src = zarr.open_array(src_path.zarr(), mode="r")
+    dst = zarr.open_array(dst_path.zarr(), mode="r+")
     block = np.asarray(src.get_orthogonal_selection(np.asarray(indices)))
-    write_shard(dst, Path(dst_path), start, block)
+    write_shard(dst, dst_path.local, start, block)
 
 
 def _create(group: zarr.Group, n: int, shape: tuple[int, int, int], ip: IngestParams) -> None:
@@ -259,7 +281,7 @@ def _create(group: zarr.Group, n: int, shape: tuple[int, int, int], ip: IngestPa
 
 
 def _compact(
-    store: Path,
+    store: Location,
     group: zarr.Group,
     kept: list[int],
     shape: tuple[int, int, int],
@@ -268,16 +290,24 @@ def _compact(
     progress: bool,
 ) -> None:
     """Rewrite ``images`` with only the ``kept`` samples, still one whole shard per task."""
-    os.replace(store / "images", store / "candidates")  # a Zarr v3 array does not know its name
+    # A Zarr v3 array does not know its name, so it can be moved.
+    if store.local is not None:
+        os.replace(store.local / "images", store.local / "candidates")
+    else:  # no rename on object storage: fsspec copies and deletes
+        store.fs.invalidate_cache(store.path)
+        store.fs.mv((store / "images").path, (store / "candidates").path, recursive=True)
     _create(group, len(kept), shape, ip)
     copies = [
         dask.delayed(_copy_shard, pure=True)(
-            str(store / "candidates"), str(store / "images"), kept[a:b], a
+            store / "candidates", store / "images", kept[a:b], a
         )
         for a, b in _shards(len(kept), ip.shard_images)
     ]
-    run_tasks(copies, params.base, kind="io", progress=progress, shared=[store])
-    shutil.rmtree(store / "candidates")
+    run_tasks(copies, params.base, kind="io", progress=progress, shared=[store], writes=[store])
+    if store.local is not None:
+        shutil.rmtree(store.local / "candidates")
+    else:
+        (store / "candidates").remove()
 
 
 def _duplicate_groups(
@@ -296,8 +326,8 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def run_ingest(
-    source: Path,
-    out: Path,
+    source: str | os.PathLike[str] | Location,
+    out: str | os.PathLike[str] | Location,
     params: Params,
     *,
     progress: bool = False,
@@ -305,36 +335,46 @@ def run_ingest(
 ) -> IngestResult:
     """Run the ingest stage: decode ``source`` into the prepared folder ``out``.
 
-    Files decoded before with the same decode configuration come from ``cache`` (default: the
-    one :func:`pipeline.cache.open_cache` names); the output bytes are the same either way.
+    Either may be a local path or an fsspec URL. Files decoded before with the same decode
+    configuration come from ``cache`` (default: the one :func:`pipeline.cache.open_cache`
+    names); the output bytes are the same either way. The cache is for local folders only:
+    its packs are hard links of local shard files, and the identities it remembers source
+    files by are local ones, so with a URL it is switched off.
     """
     ip = params.ingest
     cache = cache if cache is not None else open_cache()
-    source = Path(source).resolve()
-    relpaths, broken = list_images(source)
+    src = parse_location(source, "SOURCE").resolve()
+    dest = parse_location(out, "OUT")
+    if not (src.is_local and dest.is_local):
+        cache = dataclasses.replace(cache, enabled=False)
+        require_reachable([src], [dest])
+    relpaths, broken = list_images(src.local) if src.local else list_remote_images(src)
     files = assign(relpaths, ip)
     if not files and not broken:
         raise PipelineError(
-            f"No image files found under {source} (looked for "
+            f"No image files found under {src} (looked for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
-    shape = _probe_shape(source, files, ip)
+    shape = _probe_shape(src, files, ip)
     config = decode_config(ip, shape[2])
     relpaths = [f.relpath for f in files]
-    ids = identities(source, relpaths) if cache.enabled else {}
-    shas = known_hashes(cache, source, ids) if cache.enabled else {}
-    cached = _locate(cache, config, source, relpaths, shas, params)
-    with atomic_output(Path(out)) as tmp:
+    ids: dict[str, Any] = {}
+    cached: dict[str, Packed] = {}
+    if cache.enabled and src.local is not None:
+        ids = identities(src.local, relpaths)
+        shas = known_hashes(cache, src.local, ids)
+        cached = _locate(cache, config, src.local, relpaths, shas, params)
+    with publish(dest) as tmp:
         store = tmp / "images.zarr"
-        group = zarr.open_group(store, mode="w")
+        group = zarr.open_group(store.zarr(), mode="w")
         _create(group, len(files), shape, ip)
         tasks = [
             dask.delayed(_decode_shard, pure=True)(
-                str(source),
+                src,
                 # Pickled: Dask walks and tokenizes every dataclass and dict in a task's
                 # arguments, which took 4.5 s for 22,000 cached files.
                 pickle.dumps([(rel, cached.get(rel)) for rel in relpaths[a:b]]),
-                str(store / "images"),
+                store / "images",
                 a,
                 ip,
                 shape,
@@ -344,15 +384,15 @@ def run_ingest(
             for a, b in _shards(len(files), ip.shard_images)
         ]
         results = run_tasks(
-            tasks, params.base, kind="decode", progress=progress, shared=[source, tmp]
+            tasks, params.base, kind="decode", progress=progress, shared=[src, tmp], writes=[tmp]
         )
         records = [r for shard_records, _ in results for r in shard_records]
         from_cache = sum(hits for _, hits in results)
-        if cache.enabled:
+        if cache.enabled and src.local is not None:
             mark_used(cached.values())
             remember_hashes(
                 cache,
-                source,
+                src.local,
                 ids,
                 {
                     f.relpath: r["sha256"]
@@ -380,7 +420,7 @@ def run_ingest(
         ]
         if not kept:
             raise PipelineError(
-                f"None of the {len(rejected)} files under {source} is usable; "
+                f"None of the {len(rejected)} files under {src} is usable; "
                 f"see the reasons above or in rejected.json."
             )
         if len(kept) < len(files):
@@ -416,7 +456,7 @@ def run_ingest(
 
 
 def _write_manifest(
-    path: Path, files: Sequence[SourceFile], records: Sequence[dict[str, Any]]
+    path: Location, files: Sequence[SourceFile], records: Sequence[dict[str, Any]]
 ) -> str:
     """One JSON line per stored sample, in store order; return the file's sha256."""
     lines = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.lineage import code_sha256, git_revision, library_versions
+from pipeline.location import Location, parse_location
 from pipeline.params import Params
+from pipeline.publish import publish
+from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.shards import write_shard
 from pipeline.statsfile import Stats, load_stats
 from pipeline.store import (
-    atomic_output,
     create_images_array,
     open_prepared,
     read_samples,
@@ -58,7 +61,7 @@ def expected_block(
 
 def _normalize_shard(
     src: str,
-    dst: str,
+    dst: Location,
     start: int,
     stop: int,
     mode: str,
@@ -70,12 +73,25 @@ def _normalize_shard(
     """Read samples [start, stop), normalize, write them as one whole output shard."""
     block = read_samples(src, start, stop)
     out, used = expected_block(block, mode, constants, eps, divisor, dtype)
-    write_shard(zarr.open_array(dst, mode="r+"), Path(dst), start, out)
+    write_shard(zarr.open_array(dst.zarr(), mode="r+"), dst.local, start, out)
     return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
 
 
-def _relative(target: Path, start: Path) -> str:
-    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+def _relative(target: Location, start: Location) -> str:
+    """``target`` relative to ``start``: both local, or both URLs on one filesystem."""
+    if target.local is not None and start.local is not None:
+        return Path(os.path.relpath(target.local.resolve(), start.local.resolve())).as_posix()
+    return posixpath.relpath(target.path, start.path)
+
+
+def _same_filesystem(prepared: Location, stats_dir: Location, out: Location) -> None:
+    """The lineage records paths relative to the store: they must resolve on its filesystem."""
+    if len({loc.protocol for loc in (prepared, stats_dir, out)}) > 1:
+        raise PipelineError(
+            f"normalize reads {prepared} and {stats_dir} and writes {out}: put all three on one "
+            f"filesystem (all local, or all URLs of one scheme), because the store records the "
+            f"paths of its inputs relative to itself and readers follow them."
+        )
 
 
 def _copy_sample_arrays(src: zarr.Group, dst: zarr.Group) -> None:
@@ -95,12 +111,26 @@ def _copy_sample_arrays(src: zarr.Group, dst: zarr.Group) -> None:
 
 
 def run_normalize(
-    prepared: Path, stats_dir: Path, out: Path, params: Params, *, progress: bool = False
+    prepared: str | os.PathLike[str] | Location,
+    stats_dir: str | os.PathLike[str] | Location,
+    out: str | os.PathLike[str] | Location,
+    params: Params,
+    *,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Run the normalize stage; return the lineage written into the store's attributes."""
+    """Run the normalize stage; return the lineage written into the store's attributes.
+
+    The three folders may be local paths or fsspec URLs, all on one filesystem.
+    """
     np_ = params.normalize
-    store = open_prepared(Path(prepared) / "images.zarr")
-    stats = load_stats(stats_dir)
+    prepared = parse_location(prepared, "PREPARED")
+    stats_loc = parse_location(stats_dir, "STATS_DIR")
+    dest = parse_location(out, "OUT")
+    _same_filesystem(prepared, stats_loc, dest)
+    if not dest.is_local:
+        require_reachable([prepared, stats_loc], [dest])
+    store = open_prepared(prepared / "images.zarr")
+    stats = load_stats(stats_loc)
     if stats.fingerprint != store.fingerprint:
         raise PipelineError(
             f"{stats.path / 'stats.json'} was fitted on other data (fingerprint "
@@ -116,10 +146,9 @@ def run_normalize(
     if np_.mode not in PER_IMAGE_MODES:
         constants = dataset_constants(np_.mode, stats, np_.input_scale)
     shard = (images.shards or images.chunks)[0]
-    out = Path(out)
-    final_store = out / "images.zarr"
-    with atomic_output(out) as tmp:
-        group = zarr.open_group(tmp / "images.zarr", mode="w")
+    final_store = dest / "images.zarr"
+    with publish(dest) as tmp:
+        group = zarr.open_group((tmp / "images.zarr").zarr(), mode="w")
         create_images_array(
             group,
             "images",
@@ -132,8 +161,8 @@ def run_normalize(
         )
         tasks = [
             dask.delayed(_normalize_shard, pure=True)(
-                str(store.path.resolve() / "images"),
-                str(tmp / "images.zarr" / "images"),
+                (store.path.resolve() / "images").zarr(),
+                tmp / "images.zarr" / "images",
                 a,
                 min(a + shard, n),
                 np_.mode,
@@ -145,9 +174,14 @@ def run_normalize(
             for a in range(0, n, shard)
         ]
         results = run_tasks(
-            tasks, params.base, kind="io", progress=progress, shared=[store.path, tmp]
+            tasks,
+            params.base,
+            kind="io",
+            progress=progress,
+            shared=[store.path, tmp],
+            writes=[tmp],
         )
-        _copy_sample_arrays(zarr.open_group(store.path, mode="r"), group)
+        _copy_sample_arrays(zarr.open_group(store.path.zarr(), mode="r"), group)
         if np_.mode in PER_IMAGE_MODES:
             offset = np.concatenate([r[0] for r in results])
             scale = np.concatenate([r[1] for r in results])
@@ -169,8 +203,8 @@ def _lineage(
     prepared_attrs: Any,
     constants: Constants | None,
     divisor: float,
-    prepared: Path,
-    final_store: Path,
+    prepared: Location,
+    final_store: Location,
 ) -> dict[str, Any]:
     """Plain-JSON attributes: how the store was made (DESIGN.md invariant 8)."""
     np_ = params.normalize
@@ -202,7 +236,7 @@ def _lineage(
             "params": stats.doc.get("params", {}),
         },
         "prepared": {
-            "path": _relative(Path(prepared) / "images.zarr", final_store),
+            "path": _relative(prepared / "images.zarr", final_store),
             "fingerprint": prepared_attrs["fingerprint"],
             "decode": prepared_attrs["decode"],
             "versions": prepared_attrs["versions"],

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 import zarr
 
 from pipeline.errors import StoreError
+from pipeline.location import Location, parse_location
 from pipeline.statsfile import load_stats
 from pipeline.store import check_complete, check_splits, read_array
 from pipeline.transform import (
@@ -27,8 +28,8 @@ NORMALIZED_SCHEMA = "pipeline.normalized/1"
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def normalized_store_path(path: str | Path) -> Path:
-    p = Path(path)
+def normalized_store_path(path: str | os.PathLike[str] | Location) -> Location:
+    p = parse_location(path)
     return p / "images.zarr" if (p / "images.zarr" / "zarr.json").is_file() else p
 
 
@@ -41,7 +42,7 @@ class NormalizedDataset:
     """
 
     def __init__(
-        self, path: Path, attrs: dict[str, Any], start: int, stop: int, channels_first: bool
+        self, path: Location, attrs: dict[str, Any], start: int, stop: int, channels_first: bool
     ) -> None:
         self.path = path
         self._attrs = attrs
@@ -51,7 +52,7 @@ class NormalizedDataset:
 
     def _open(self) -> dict[str, Any]:
         if self._arrays is None:
-            group = zarr.open_group(self.path, mode="r")
+            group = zarr.open_group(self.path.zarr(), mode="r")
             self._arrays = {
                 "images": group["images"],
                 "labels": read_array(group, "label"),
@@ -144,7 +145,7 @@ class NormalizedDataset:
         return np.moveaxis(out, -1, -3) if self.channels_first else out
 
 
-def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
+def check_lineage(path: Location, attrs: dict[str, Any]) -> None:
     """Refuse a store whose recorded stats hash, params, fingerprint or constants do not match."""
     rel = attrs.get("stats", {}).get("path")
     stats_json = (path / rel).resolve() if rel else None
@@ -162,9 +163,9 @@ def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
         raise StoreError(f"{path}: stats were fitted on other data than this store. {hint}")
     if stats.doc.get("params", {}) != attrs["stats"].get("params"):
         raise StoreError(f"{path}: recorded stats params differ from {stats_json}. {hint}")
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(path.zarr(), mode="r")
     check_splits(path, group, attrs.get("splits"))
-    images = zarr.open_array(path / "images", mode="r")
+    images = zarr.open_array((path / "images").zarr(), mode="r")
     offset, scale = read_array(group, "offset"), read_array(group, "scale")
     mode, scale_kind = attrs.get("mode"), attrs.get("input_scale")
     recorded = attrs.get("constants") or {}
@@ -206,14 +207,15 @@ def check_lineage(path: Path, attrs: dict[str, Any]) -> None:
 
 
 def open_normalized(
-    path: str | Path, *, verify: bool = True, channels_first: bool = False
+    path: str | os.PathLike[str] | Location, *, verify: bool = True, channels_first: bool = False
 ) -> NormalizedDataset:
     """Open a normalized store for training, after checking its lineage.
 
     Parameters
     ----------
     path
-        ``data/normalized`` or ``data/normalized/images.zarr``.
+        ``data/normalized`` or ``data/normalized/images.zarr``: a local path or an fsspec
+        URL (``s3://bucket/normalized``; credentials from the environment).
     verify
         Check the recorded stats hash, params, data fingerprint and constants against the
         stats file the store names, and refuse the store when they differ.
@@ -222,7 +224,9 @@ def open_normalized(
     """
     store = normalized_store_path(path)
     try:
-        attrs = dict(zarr.open_group(store, mode="r").attrs)
+        if not (store / "zarr.json").is_file():
+            raise FileNotFoundError(f"no zarr.json under {store}")
+        attrs = dict(zarr.open_group(store.zarr(), mode="r").attrs)
     except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:
         raise StoreError(f"{store} is not a readable normalized store: {exc}") from exc
     if attrs.get("schema") != NORMALIZED_SCHEMA:
@@ -232,7 +236,7 @@ def open_normalized(
         )
     if verify:
         check_lineage(store, attrs)
-    images = zarr.open_array(store / "images", mode="r")
+    images = zarr.open_array((store / "images").zarr(), mode="r")
     check_complete(images, store / "images")
     n = int(images.shape[0])
     return NormalizedDataset(store, attrs, 0, n, channels_first)

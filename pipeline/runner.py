@@ -20,6 +20,7 @@ import dask
 from dask.diagnostics import ProgressBar
 
 from pipeline.errors import PipelineError
+from pipeline.location import Location
 from pipeline.memory import tune_malloc
 from pipeline.params import BaseParams, parse_scheduler
 
@@ -44,9 +45,37 @@ def resolve_scheduler(base: BaseParams, kind: str) -> tuple[str, int]:
     return scheduler, workers
 
 
-def _check_shared(client: Any, paths: Sequence[Path]) -> None:
-    """Fail before any work if some worker cannot see a path the tasks read or write."""
+Shared = Path | Location
+
+
+def _check_shared(client: Any, paths: Sequence[Shared], writes: Sequence[Location] = ()) -> None:
+    """Fail before any work if some worker cannot see a path the tasks read or write.
+
+    Local paths must exist at the same absolute path on every worker; URLs must be readable
+    through fsspec there, and ``writes`` (URLs) writable beside (a probe object is written and
+    removed).
+    """
+    from pipeline.reach import FIX, probe
+
+    reads = [p.url for p in paths if isinstance(p, Location) and not p.is_local]
+    probes = [w.url for w in writes if not w.is_local]
+    if reads or probes:
+        answers = client.run(probe, reads, probes)
+        failed: dict[tuple[str, str], list[str]] = {}
+        for worker, problems in answers.items():
+            for url, reason in problems:
+                failed.setdefault((url, reason), []).append(worker)
+        if failed:
+            shown = "; ".join(
+                f"{url} on {len(w)} worker(s) ({', '.join(sorted(w)[:3])}): {reason}"
+                for (url, reason), w in sorted(failed.items())
+            )
+            raise PipelineError(f"Dask workers cannot reach {shown}. {FIX}")
     for path in paths:
+        if isinstance(path, Location):
+            if not path.is_local:
+                continue
+            path = path.local  # type: ignore[assignment]
         seen = client.run(os.path.exists, str(Path(path).resolve()))
         blind = sorted(worker for worker, ok in seen.items() if not ok)
         if blind:
@@ -57,7 +86,11 @@ def _check_shared(client: Any, paths: Sequence[Path]) -> None:
 
 
 def _run_on_cluster(
-    tasks: Sequence[Any], address: str, progress: bool, shared: Sequence[Path]
+    tasks: Sequence[Any],
+    address: str,
+    progress: bool,
+    shared: Sequence[Shared],
+    writes: Sequence[Location],
 ) -> list[Any]:
     from distributed import Client, as_completed
     from distributed import progress as show_progress
@@ -70,7 +103,7 @@ def _run_on_cluster(
             f"or fix base.scheduler / ${SCHEDULER_ENV}."
         ) from exc
     with client:
-        _check_shared(client, shared)
+        _check_shared(client, shared, writes)
         if progress and sys.stderr.isatty():
             print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = client.compute(list(tasks))
@@ -87,18 +120,27 @@ def run_tasks(
     *,
     kind: str,
     progress: bool = False,
-    shared: Sequence[Path] = (),
+    shared: Sequence[Shared] = (),
+    writes: Sequence[Location] = (),
 ) -> list[Any]:
     """Compute ``tasks`` and return their results in order.
 
-    ``shared`` lists paths every worker must see; on a cluster they are checked first.
+    ``shared`` lists paths and URLs every worker must see, ``writes`` the URLs of outputs
+    they write; on a cluster both are checked first.
     """
     if not tasks:
         return []
     tune_malloc()
     scheduler, workers = resolve_scheduler(base, kind)
     if "://" in scheduler:
-        return _run_on_cluster(tasks, scheduler, progress, shared)
+        return _run_on_cluster(tasks, scheduler, progress, shared, writes)
+    in_memory = [str(p) for p in [*shared, *writes] if str(p).startswith("memory://")]
+    if scheduler == "processes" and in_memory:
+        raise PipelineError(
+            f"{in_memory[0]} exists only inside this process, and base.scheduler (or "
+            f"${SCHEDULER_ENV}) chose worker processes. Use the threads or synchronous "
+            f"scheduler with memory:// URLs."
+        )
     bar = ProgressBar(out=sys.stderr) if progress and sys.stderr.isatty() else None
     with bar if bar is not None else contextlib.nullcontext(), _pool(scheduler, workers) as pool:
         # Leaving the pool's context waits for tasks still running when one fails, so none

@@ -80,12 +80,16 @@ def _write_plain(array_dir: Path, start: int, block: np.ndarray, chunk: int, sha
     return key
 
 
-def write_shard(array: zarr.Array, array_dir: Path, start: int, block: np.ndarray) -> Path | None:
+def write_shard(
+    array: zarr.Array, array_dir: Path | None, start: int, block: np.ndarray
+) -> Path | None:
     """Write samples [start, start + len(block)) of ``array``: one whole shard.
 
-    ``start`` must begin a shard and ``block`` fill it (or reach the end of the array). Returns
-    the shard file when it was written here, so that it holds ``block``'s bytes from offset 0
-    (the uncompressed layout); None when zarr wrote it.
+    ``start`` must begin a shard and ``block`` fill it (or reach the end of the array).
+    ``array_dir`` is the array's local folder, or None when the array is not on a local file
+    system (object storage): zarr then writes the shard through its own store. Returns the
+    shard file when it was written here, so that it holds ``block``'s bytes from offset 0 (the
+    uncompressed layout); None when zarr wrote it.
     """
     layout = _plain_layout(array)
     if layout is None:
@@ -96,4 +100,8 @@ def write_shard(array: zarr.Array, array_dir: Path, start: int, block: np.ndarra
         raise ValueError(f"samples [{start}, {start + len(block)}) are not one whole shard")
     if block.dtype != array.dtype or block.shape[1:] != array.shape[1:]:
         raise ValueError(f"block {block.dtype} {block.shape} does not fit array {array}")
+    if array_dir is None:
+        # Every chunk stored, as the direct writer does, so the bytes are the same.
+        array.with_config({"write_empty_chunks": True})[start : start + len(block)] = block
+        return None
     return _write_plain(Path(os.fspath(array_dir)), start, block, chunk, shard)

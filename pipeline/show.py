@@ -32,7 +32,7 @@ def _rescaled(y: np.ndarray) -> np.ndarray:
 def show_samples(store: Path, indices: list[int], out_dir: Path) -> list[Path]:
     """Write one PNG per index: raw | normalized (rescaled) | denormalized."""
     ds = open_normalized(store, verify=False)
-    prepared = zarr.open_array((ds.path / ds.lineage["prepared"]["path"]) / "images", mode="r")
+    prepared = zarr.open_array(str(ds.path / ds.lineage["prepared"]["path"] / "images"), mode="r")
     pixel_max = int(ds.lineage["pixel_max"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

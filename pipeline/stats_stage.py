@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,10 @@ from pipeline import __version__
 from pipeline.cache import Cache, open_cache
 from pipeline.errors import PipelineError
 from pipeline.incremental import Reuse, fit_files, moments_key, reuse_moments, save_moments
+from pipeline.location import Location, parse_location
 from pipeline.params import Params
+from pipeline.publish import publish
+from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
 from pipeline.statsfile import (
@@ -28,7 +33,7 @@ from pipeline.statsfile import (
     tree_sha256,
     write_arrays,
 )
-from pipeline.store import atomic_output, dumps_json, open_prepared, read_samples
+from pipeline.store import dumps_json, open_prepared, read_samples
 
 __all__ = ["StatsRun", "fit_range", "run_stats"]
 
@@ -71,7 +76,7 @@ def _tree(parts: Sequence[Any], split_every: int) -> Any:
 
 
 def compute_moments(
-    images_path: Path,
+    images_path: Path | Location,
     start: int,
     stop: int,
     params: Params,
@@ -80,9 +85,9 @@ def compute_moments(
     progress: bool = False,
 ) -> Moments:
     """Exact moments of samples [start, stop) with one Dask pass."""
-    images_path = Path(images_path).resolve()
+    images_path = parse_location(images_path).resolve()
     chunks = [
-        dask.delayed(_read_moments, pure=True)(str(images_path), a, b)
+        dask.delayed(_read_moments, pure=True)(images_path.zarr(), a, b)
         for a, b in _blocks(start, stop, block_images)
     ]
     (result,) = run_tasks(
@@ -155,8 +160,8 @@ def _document(fit: FitResult, params: Params, fingerprint: str, total: int) -> d
 
 
 def run_stats(
-    prepared: Path,
-    out_dir: Path,
+    prepared: str | os.PathLike[str] | Location,
+    out_dir: str | os.PathLike[str] | Location,
     params: Params,
     *,
     progress: bool = False,
@@ -166,16 +171,22 @@ def run_stats(
 
     When ``cache`` (default: the one :func:`pipeline.cache.open_cache` names) holds an earlier
     fit on data decoded the same way, only the images added or removed since are reduced; the
-    result is bit-identical to a fit from scratch.
+    result is bit-identical to a fit from scratch. ``prepared`` (the images.zarr store) and
+    ``out_dir`` may be local paths or fsspec URLs; with a URL the cache is not used.
     """
-    store = open_prepared(Path(prepared))
+    prepared = parse_location(prepared, "PREPARED")
+    out = parse_location(out_dir, "OUT_DIR")
+    cache = cache if cache is not None else open_cache()
+    if not (prepared.is_local and out.is_local):
+        cache = dataclasses.replace(cache, enabled=False)
+        require_reachable([prepared], [out])
+    store = open_prepared(prepared)
     start, stop = fit_range(store.splits, params.stats.fit_split)
     if stop <= start:
         raise PipelineError(
             f"The {params.stats.fit_split!r} split of {prepared} is empty: nothing to fit "
             f"statistics on. Check ingest.split, or choose another stats.fit_split."
         )
-    cache = cache if cache is not None else open_cache()
     files = fit_files(store, start, stop) if cache.enabled else None
     reused = reuse_moments(store, start, stop, params, cache, files) if files else None
     if reused is not None:
@@ -183,7 +194,7 @@ def run_stats(
     else:
         block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
         moments = compute_moments(
-            Path(prepared) / "images", start, stop, params, block_images=block, progress=progress
+            prepared / "images", start, stop, params, block_images=block, progress=progress
         )
     if files:
         save_moments(cache, moments_key(store), files, moments)
@@ -191,14 +202,16 @@ def run_stats(
     fit = aggregate(moments, params.stats.percentiles)
     doc = _document(fit, params, store.fingerprint, store.images.shape[0])
     # The folder is published with one rename, so stats.json and stats.zarr always match.
-    out_dir = Path(out_dir)
-    with atomic_output(out_dir) as tmp:
-        ignore = out_dir / ".gitignore"  # written by DVC: not ours, carried over
-        if ignore.is_file():
-            shutil.copy2(ignore, tmp / ".gitignore")
+    with publish(out) as tmp:
+        ignore = out / ".gitignore"  # written by DVC: not ours, carried over
+        if ignore.local is not None and tmp.local is not None:
+            if ignore.local.is_file():
+                shutil.copy2(ignore.local, tmp.local / ".gitignore")
+        elif ignore.is_file():
+            (tmp / ".gitignore").write_bytes(ignore.read_bytes())
         write_arrays(
             tmp / STATS_ZARR, fit, moments, zero_std=params.stats.zero_std, eps=params.stats.eps
         )
         doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp / STATS_ZARR)}
-        (tmp / STATS_JSON).write_text(dumps_json(doc), encoding="ascii")
+        (tmp / STATS_JSON).write_bytes(dumps_json(doc).encode("ascii"))
     return StatsRun(document=doc, reused=reused)

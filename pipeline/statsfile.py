@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import zarr
 
 from pipeline.errors import StoreError
+from pipeline.location import Location, parse_location
 from pipeline.stats import FitResult, Moments
 from pipeline.store import read_array, sha256_file, write_small_array
 
@@ -34,9 +35,17 @@ def channel_names(channels: int) -> list[str]:
     )
 
 
-def tree_sha256(root: Path) -> str:
+def tree_sha256(root: Path | Location) -> str:
     """sha256 over the sorted relative paths and contents of every file under ``root``."""
     h = hashlib.sha256()
+    if isinstance(root, Location) and root.local is not None:
+        root = root.local
+    if isinstance(root, Location):
+        # Ordered as local paths sort (by PurePosixPath), so the digest is the same anywhere.
+        for rel in sorted(root.files(), key=PurePosixPath):
+            h.update(rel.encode() + b"\0")
+            h.update(hashlib.sha256((root / rel).read_bytes()).hexdigest().encode() + b"\n")
+        return h.hexdigest()
     for p in sorted(root.rglob("*")):
         if p.is_file():
             h.update(p.relative_to(root).as_posix().encode() + b"\0")
@@ -50,10 +59,10 @@ def _safe(std: np.ndarray, policy: str, eps: float) -> np.ndarray:
 
 
 def write_arrays(
-    path: Path, fit: FitResult, moments: Moments, *, zero_std: str, eps: float
+    path: Path | Location, fit: FitResult, moments: Moments, *, zero_std: str, eps: float
 ) -> None:
     """Write stats.zarr: mean/std images, histograms and the exact sufficient statistics."""
-    group = zarr.open_group(path, mode="w")
+    group = zarr.open_group(str(path), mode="w")
     dims = ("y", "x", "channel")
 
     def put(name: str, data: np.ndarray, dimension_names: tuple[str, ...]) -> None:
@@ -88,7 +97,7 @@ class Stats:
     maximum: np.ndarray  # (C,) int
     histogram: np.ndarray  # (C, pixel_max + 1) int64
     sha256: str  # of stats.json: what a normalized store records
-    path: Path
+    path: Location  # the stats folder
     doc: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,13 +116,13 @@ class Stats:
         }
 
 
-def load_stats(path: str | os.PathLike[str]) -> Stats:
+def load_stats(path: str | os.PathLike[str] | Location) -> Stats:
     """Load the stats folder (or its stats.json), checking that its array file matches.
 
     Parameters
     ----------
     path
-        ``data/stats`` or ``data/stats/stats.json``.
+        ``data/stats`` or ``data/stats/stats.json``: a local path or an fsspec URL.
 
     Returns
     -------
@@ -122,7 +131,7 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
         ``pixel_max``, ``mean_image``, ``std_image``, ``count``, ``fit_split`` and
         ``fingerprint``.
     """
-    p = Path(path)
+    p = parse_location(path, "the stats folder")
     json_path = p / STATS_JSON if p.is_dir() else p
     try:
         raw = json_path.read_bytes()
@@ -145,7 +154,7 @@ def load_stats(path: str | os.PathLike[str]) -> Stats:
             f"{arrays} does not match {json_path} (missing, changed or from another run). "
             f"Re-run `pipeline stats` (or `dvc checkout`) to restore a matching pair."
         )
-    group = zarr.open_group(arrays, mode="r")
+    group = zarr.open_group(arrays.zarr(), mode="r")
     names = doc["channel_names"]
     per = doc["channels"]
     return Stats(

@@ -23,6 +23,7 @@ import zarr.errors
 from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.errors import StoreError
+from pipeline.location import Location, parse_location
 
 __all__ = [
     "IMAGE_DIMS",
@@ -54,13 +55,17 @@ def dumps_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
 
 
-def write_json(path: Path, value: Any) -> None:
+def write_json(path: Path | Location, value: Any) -> None:
     """Write ``value`` as deterministic JSON."""
-    path.write_text(dumps_json(value), encoding="ascii")
+    path.write_bytes(dumps_json(value).encode("ascii"))
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | Location) -> str:
     """Hex sha256 of a file's bytes."""
+    if isinstance(path, Location):
+        if path.local is None:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        path = path.local
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +141,7 @@ def create_images_array(
     )
 
 
-def check_complete(array: zarr.Array, array_dir: Path) -> None:
+def check_complete(array: zarr.Array, array_dir: Path | Location) -> None:
     """Raise StoreError if any shard file of ``array`` is missing or empty.
 
     Zarr reads a missing (or zero-byte) shard as fill values: a store damaged that way would
@@ -144,11 +149,18 @@ def check_complete(array: zarr.Array, array_dir: Path) -> None:
     """
     shard = array.shards or array.chunks
     grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, shard, strict=True)]
-    bad = []
-    for index in itertools.product(*grid):
-        key = array_dir.joinpath("c", *map(str, index))
-        if not key.is_file() or key.stat().st_size == 0:
-            bad.append(key.relative_to(array_dir).as_posix())
+    keys = ["/".join(("c", *map(str, index))) for index in itertools.product(*grid)]
+    if isinstance(array_dir, Location) and array_dir.local is not None:
+        array_dir = array_dir.local
+    if isinstance(array_dir, Location):  # one listing instead of a request per shard
+        sizes = {rel: info.get("size") or 0 for rel, info in array_dir.files().items()}
+        bad = [key for key in keys if not sizes.get(key)]
+    else:
+        bad = []
+        for key in keys:
+            file = array_dir / key
+            if not file.is_file() or file.stat().st_size == 0:
+                bad.append(key)
     if bad:
         raise StoreError(
             f"{array_dir} is incomplete: {len(bad)} shard file(s) missing or empty "
@@ -173,7 +185,7 @@ def split_ranges(codes: np.ndarray, names: tuple[str, ...] = ("train", "val", "t
     return bounds
 
 
-def check_splits(path: Path, group: zarr.Group, recorded: Any) -> None:
+def check_splits(path: Path | Location, group: zarr.Group, recorded: Any) -> None:
     """Raise StoreError unless the ``splits`` attribute describes the ``split`` array."""
     codes = read_array(group, "split")
     ordered = bool(np.all(codes[:-1] <= codes[1:])) if codes.size else True
@@ -267,7 +279,7 @@ def read_array(group: zarr.Group, name: str) -> np.ndarray:
 class PreparedStore:
     """An opened prepared store: the image array and its per-sample metadata."""
 
-    path: Path
+    path: Location
     images: zarr.Array
     attrs: Mapping[str, Any]
 
@@ -288,20 +300,20 @@ class PreparedStore:
 
     def labels(self) -> np.ndarray:
         """Label index per sample."""
-        return np.asarray(zarr.open_array(self.path / "label", mode="r")[:])
+        return np.asarray(zarr.open_array(str(self.path / "label"), mode="r")[:])
 
     def paths(self) -> list[str]:
         """Source path (relative to the source folder) per sample."""
-        return [str(p) for p in np.asarray(zarr.open_array(self.path / "path", mode="r")[:])]
+        return [str(p) for p in np.asarray(zarr.open_array(str(self.path / "path"), mode="r")[:])]
 
 
-def open_prepared(path: Path) -> PreparedStore:
-    """Open ``path`` as a prepared store, or raise StoreError saying what is wrong."""
-    path = Path(path)
+def open_prepared(path: str | os.PathLike[str] | Location) -> PreparedStore:
+    """Open ``path`` (a local path or URL) as a prepared store, or raise StoreError."""
+    path = parse_location(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a Zarr store (no zarr.json). Run `pipeline ingest` first.")
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(path.zarr(), mode="r")
         attrs = dict(group.attrs)
         if attrs.get("schema") != PREPARED_SCHEMA:
             raise StoreError(

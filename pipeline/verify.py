@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import PipelineError, StoreError
+from pipeline.location import Location
 from pipeline.normalize import expected_block
 from pipeline.params import BaseParams
 from pipeline.reader import check_lineage, normalized_store_path
@@ -26,7 +27,7 @@ __all__ = ["VerifyReport", "verify_store"]
 class VerifyReport:
     """What was checked and what did not match."""
 
-    store: Path
+    store: Location
     checked: int = 0
     mismatched: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -76,7 +77,7 @@ def verify_store(
     store = normalized_store_path(path).resolve()
     report = VerifyReport(store=store)
     try:
-        group = zarr.open_group(store, mode="r")
+        group = zarr.open_group(store.zarr(), mode="r")
         attrs: dict[str, Any] = dict(group.attrs)
         offset = np.asarray(group["offset"][...])  # type: ignore[index]
         scale = np.asarray(group["scale"][...])  # type: ignore[index]
@@ -103,12 +104,12 @@ def verify_store(
             f"{prepared} holds {source.fingerprint[:12]}"
         )
         return report
-    n = int(zarr.open_array(store / "images", mode="r").shape[0])
+    n = int(zarr.open_array((store / "images").zarr(), mode="r").shape[0])
     if sample is None or sample >= n:
         chosen = list(range(n))
     else:
         chosen = sorted(np.random.default_rng(seed).choice(n, size=sample, replace=False).tolist())
-    shard = zarr.open_array(store / "images", mode="r")
+    shard = zarr.open_array((store / "images").zarr(), mode="r")
     per_shard = (shard.shards or shard.chunks)[0]
     groups: dict[int, list[int]] = {}
     for i in chosen:
@@ -119,8 +120,8 @@ def verify_store(
     )
     tasks = [
         dask.delayed(_check_block, pure=True)(
-            str(prepared / "images"),
-            str(store / "images"),
+            (prepared / "images").zarr(),
+            (store / "images").zarr(),
             idx,
             mode,
             constants,
