@@ -298,9 +298,7 @@ def _compact(
         store.fs.mv((store / "images").path, (store / "candidates").path, recursive=True)
     _create(group, len(kept), shape, ip)
     copies = [
-        dask.delayed(_copy_shard, pure=True)(
-            store / "candidates", store / "images", kept[a:b], a
-        )
+        dask.delayed(_copy_shard, pure=True)(store / "candidates", store / "images", kept[a:b], a)
         for a, b in _shards(len(kept), ip.shard_images)
     ]
     run_tasks(copies, params.base, kind="io", progress=progress, shared=[store], writes=[store])
@@ -352,8 +350,7 @@ def run_ingest(
     files = assign(relpaths, ip)
     if not files and not broken:
         raise PipelineError(
-            f"No image files found under {src} (looked for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))})."
+            f"No image files found under {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     shape = _probe_shape(src, files, ip)
     config = decode_config(ip, shape[2])

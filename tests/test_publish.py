@@ -1,0 +1,92 @@
+"""Publishing outputs on object storage (memory:// here): whole or not at all."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_location import local_digests, params_for, upload, url_digests, write_folder
+
+from pipeline.errors import BadImagesError, StoreError
+from pipeline.ingest import run_ingest
+from pipeline.location import parse_location
+from pipeline.publish import publish, root_markers
+from pipeline.store import open_prepared
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    url = f"memory://p-{uuid.uuid4().hex[:8]}"
+    yield url
+    parse_location(url).remove()
+
+
+def names(url: str) -> list[str]:
+    loc = parse_location(url)
+    loc.fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in loc.fs.ls(loc.path, detail=False))
+
+
+def test_root_markers() -> None:
+    files = [
+        "images.zarr/zarr.json",
+        "images.zarr/images/zarr.json",
+        "images.zarr/images/c/0/0/0/0",
+        "stats.zarr/zarr.json",
+        "stats.zarr/mean_image/zarr.json",
+        "stats.json",
+    ]
+    assert root_markers(files) == ["images.zarr/zarr.json", "stats.zarr/zarr.json"]
+    assert root_markers(["zarr.json", "a/zarr.json"]) == ["zarr.json"]
+
+
+def test_failed_stage_leaves_old_output_and_no_temporary_prefix(
+    tmp_path: Path, memory_root: str
+) -> None:
+    write_folder(tmp_path / "src")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    out = f"{memory_root}/prepared"
+    run_ingest(f"{memory_root}/src", out, params_for("threads"))
+    before = url_digests(out)
+    parse_location(f"{memory_root}/src/b/99.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(BadImagesError, match=r"b/99\.png"):
+        run_ingest(f"{memory_root}/src", out, params_for("threads"))  # on_error: fail
+    assert url_digests(out) == before
+    assert names(memory_root) == ["prepared", "src"]
+
+
+def test_skipped_files_are_compacted_the_same_as_locally(tmp_path: Path, memory_root: str) -> None:
+    write_folder(tmp_path / "src")
+    (tmp_path / "src" / "a" / "05.png").write_bytes(b"not a png")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    run_ingest(tmp_path / "src", tmp_path / "prepared", params_for("threads", on_error="skip"))
+    skip = params_for("threads", on_error="skip")
+    run_ingest(f"{memory_root}/src", f"{memory_root}/prepared", skip)
+    assert url_digests(f"{memory_root}/prepared") == local_digests(tmp_path / "prepared")
+    assert "images.zarr/candidates/zarr.json" not in url_digests(f"{memory_root}/prepared")
+
+
+def test_replacing_an_output_removes_old_objects(tmp_path: Path, memory_root: str) -> None:
+    dest = parse_location(f"{memory_root}/out")
+    (dest / "stale.json").write_bytes(b"{}")
+    (dest / "images.zarr" / "zarr.json").write_bytes(b"{}")
+    with publish(dest) as tmp:
+        (tmp / "new.json").write_bytes(b"[]")
+    assert url_digests(dest.url).keys() == {"new.json"}
+    assert names(memory_root) == ["out"]
+
+
+def test_interrupted_publish_shows_no_store(tmp_path: Path, memory_root: str) -> None:
+    """Between deleting the old root marker and copying the new one last, readers see no
+    store (and say to re-run), never a half store."""
+    write_folder(tmp_path / "src")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    out = f"{memory_root}/prepared"
+    run_ingest(f"{memory_root}/src", out, params_for("threads"))
+    parse_location(f"{out}/images.zarr/zarr.json").fs.rm(
+        parse_location(f"{out}/images.zarr/zarr.json").path
+    )
+    with pytest.raises(StoreError, match=r"no zarr.json.*pipeline ingest"):
+        open_prepared(f"{out}/images.zarr")
