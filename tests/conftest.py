@@ -7,6 +7,8 @@
   isolated HOME (``make_dvc_repo``, ``run``), used by test_dvc and test_audit.
 * ``oracle_dataset_constants`` (numpy float64 reference for the dataset-statistics modes) and
   ``assert_bits_equal``, used by test_normalize and test_transform.
+* ``moto_server`` / ``s3_bucket``: a local S3 server and a fresh bucket on it, with the
+  environment set for plain ``fsspec`` S3 access; defined in objectstore.py, imported here.
 
 pytest finds the fixtures here by itself. The plain names the test modules need at import time
 (``MODES``, ``H``, ``W``, ``Fitted``, ``run``, ``make_dvc_repo`` ...) are imported with
@@ -31,6 +33,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from objectstore import moto_server, s3_bucket  # noqa: F401  (fixtures)
 from PIL import Image
 
 from pipeline.ingest import run_ingest
