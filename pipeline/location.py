@@ -105,27 +105,43 @@ class Location:
         resolved = self.local.resolve()
         return Location(str(resolved), resolved)
 
+    def _fresh(self) -> AbstractFileSystem:
+        """The filesystem, with what it cached about this path forgotten: s3fs answers
+        ``exists``/``info``/``cat`` from listings it cached, which miss objects that other
+        processes (Dask workers) wrote since."""
+        fs = self.fs
+        fs.invalidate_cache(self.path)
+        return fs
+
     def zarr(self) -> str:
         """What to hand to ``zarr.open_*``: the local path or the URL."""
         return str(self.local) if self.local is not None else self.url
 
     def exists(self) -> bool:
         """True when a file or folder (a prefix, on object storage) is there."""
-        return self.local.exists() if self.local is not None else bool(self.fs.exists(self.path))
+        return (
+            self.local.exists() if self.local is not None else bool(self._fresh().exists(self.path))
+        )
 
     def is_file(self) -> bool:
         """True when a file (an object) is there."""
-        return self.local.is_file() if self.local is not None else bool(self.fs.isfile(self.path))
+        return (
+            self.local.is_file()
+            if self.local is not None
+            else bool(self._fresh().isfile(self.path))
+        )
 
     def is_dir(self) -> bool:
         """True when a folder (a non-empty prefix, on object storage) is there."""
-        return self.local.is_dir() if self.local is not None else bool(self.fs.isdir(self.path))
+        return (
+            self.local.is_dir() if self.local is not None else bool(self._fresh().isdir(self.path))
+        )
 
     def read_bytes(self) -> bytes:
         """The whole file."""
         if self.local is not None:
             return self.local.read_bytes()
-        return bytes(self.fs.cat_file(self.path))
+        return bytes(self._fresh().cat_file(self.path))
 
     def write_bytes(self, data: bytes) -> None:
         """Write the whole file (local parent folders must exist)."""
