@@ -18,7 +18,8 @@ __all__ = ["FIX", "probe", "require_reachable"]
 FIX = (
     "Check the URL, and that credentials and endpoint reach fsspec through the environment "
     "of every process (AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-    "FSSPEC_S3_ENDPOINT_URL for S3-compatible servers, or fsspec's config file); memory:// "
+    "AWS_ENDPOINT_URL_S3 or FSSPEC_S3_ENDPOINT_URL for S3-compatible servers, or fsspec's "
+    "config file); memory:// "
     "URLs exist only inside one process, so use them with the threads or synchronous scheduler."
 )
 

@@ -80,3 +80,32 @@ def test_environment_variable_overrides_params(
 def test_unreachable_scheduler_is_a_clear_error(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="Cannot reach the Dask scheduler"):
         run_all(folder, tmp_path, "tcp://127.0.0.1:9")
+
+
+def test_url_the_workers_cannot_reach_is_one_error_before_any_work(
+    folder: Path, cluster_address: str
+) -> None:
+    """memory:// exists only in this process: every worker process sees an empty one."""
+    import fsspec
+
+    from pipeline.location import parse_location
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted(folder.rglob("*.png")):
+        fs.pipe_file(f"/unreachable/src/{p.relative_to(folder).as_posix()}", p.read_bytes())
+    try:
+        params = parse_params(
+            {
+                "base": {"scheduler": cluster_address, "workers": 2},
+                "ingest": {"image_size": [16, 16], "chunk_images": 2, "shard_images": 4},
+            }
+        )
+        with pytest.raises(
+            PipelineError,
+            match=r"Dask workers cannot reach .*memory://unreachable/src on 2 worker\(s\).*"
+            r"does not exist.*threads or synchronous",
+        ):
+            run_ingest("memory://unreachable/src", "memory://unreachable/out", params)
+        assert fs.ls("/unreachable", detail=False) == ["/unreachable/src"]  # nothing written
+    finally:
+        parse_location("memory://unreachable").remove()
