@@ -43,7 +43,15 @@ from pipeline.images import (
 )
 from pipeline.lineage import library_versions
 from pipeline.location import Location, parse_location
-from pipeline.packs import Packed, add_pack, image_crc, load_index, mark_used, read_packed
+from pipeline.packs import (
+    Packed,
+    add_pack,
+    drop_superseded,
+    image_crc,
+    load_index,
+    mark_used,
+    read_packed,
+)
 from pipeline.params import IngestParams, Params
 from pipeline.publish import publish
 from pipeline.reach import require_reachable
@@ -387,6 +395,7 @@ def run_ingest(
         from_cache = sum(hits for _, hits in results)
         if cache.enabled and src.local is not None:
             mark_used(cached.values())
+            drop_superseded(cache, config)  # the cache keeps one copy: this run's packs
             remember_hashes(
                 cache,
                 src.local,

@@ -12,7 +12,8 @@ or a cache on another file system, get a written copy.
 Every image is checked against its CRC-32 when read: a pack that was changed in place, cut
 short or removed is a miss, and the image is decoded again. Each ingest run writes a new
 pack per shard listing all its images, so earlier packs whose every image a newer pack holds
-are removed when the index is loaded; what is left ages out through the cache's size limit.
+are removed when a run has written its own and whenever the index is loaded; what is left
+ages out through the cache's size limit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ import numpy as np
 
 from pipeline.cache import Cache, Entry, read_entry, write_entry
 
-__all__ = ["Packed", "add_pack", "image_crc", "load_index", "mark_used", "read_packed"]
+__all__ = [
+    "Packed",
+    "add_pack",
+    "drop_superseded",
+    "image_crc",
+    "load_index",
+    "mark_used",
+    "read_packed",
+]
 
 SCHEMA = "pipeline-pack/1"
 
@@ -88,6 +97,15 @@ def load_index(cache: Cache, config: str) -> dict[str, Packed]:
                 with contextlib.suppress(OSError):
                     stale.unlink()
     return located
+
+
+def drop_superseded(cache: Cache, config: str) -> None:
+    """Remove the packs of ``config`` whose every image a newer pack holds.
+
+    What :func:`load_index` does on the way; called when a run has written its packs, so the
+    cache does not keep the previous run's copy of the store until the next run looks.
+    """
+    load_index(cache, config)
 
 
 def mark_used(located: Iterable[Packed]) -> None:
