@@ -174,8 +174,9 @@ def read_entry(path: Path) -> Entry | None:
     return entry
 
 
-def write_entry(path: Path, entry: Entry) -> None:
-    """Write ``entry`` to ``path`` through a temporary file; a failure only costs time later."""
+def write_entry(path: Path, entry: Entry) -> bool:
+    """Write ``entry`` to ``path`` through a temporary file; False when that failed (a failure
+    only costs time later)."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,8 @@ def write_entry(path: Path, entry: Entry) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        return False
+    return True
 
 
 @dataclass(frozen=True)

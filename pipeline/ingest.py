@@ -185,12 +185,13 @@ def _decode_shard(
     shape: tuple[int, int, int],
     cache: Cache,
     config: str,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], int, list[str]]:
     """Decode the files of one shard (or take them from the cache) and write the whole shard.
 
     ``work`` is the pickled list of each file's path and where the cache holds its decoded
-    pixels, if it does. Returns one record per file and how many files came from the cache.
-    The shard is then kept in the cache as a pack of all its images.
+    pixels, if it does. The shard is then kept in the cache as a pack of all its images.
+    Returns one record per file, how many files came from the cache and the cache keys of the
+    images in the new pack (none when it could not be kept).
     """
     items: list[tuple[str, Packed | None]] = pickle.loads(work)
     array = zarr.open_array(images.zarr(), mode="r+")
@@ -239,24 +240,23 @@ def _decode_shard(
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
     shard_file = write_shard(array, images.local, start, buf)
-    add_pack(cache, config, buf, keep, shard_file=shard_file)
-    return records, hits
+    packed = add_pack(cache, config, buf, keep, shard_file=shard_file)
+    return records, hits, [key for _, key, _, _ in keep] if packed else []
 
 
 def _locate(
-    cache: Cache,
+    index: dict[str, Packed],
     config: str,
     source: Path,
     relpaths: Sequence[str],
     shas: dict[str, str],
     params: Params,
 ) -> dict[str, Packed]:
-    """Where the cache holds the decoded pixels of each file of ``relpaths`` that it has.
+    """Where ``index`` (the cache's packs) holds the decoded pixels of each file of ``relpaths``.
 
     ``shas`` holds the sha256 of files known unchanged; the others are hashed here (on
     threads) when the cache holds any image of this decode configuration at all.
     """
-    index = load_index(cache, config)
     if not index:
         return {}
     unknown = [rel for rel in relpaths if rel not in shas]
@@ -364,11 +364,13 @@ def run_ingest(
     config = decode_config(ip, shape[2])
     relpaths = [f.relpath for f in files]
     ids: dict[str, Any] = {}
+    index: dict[str, Packed] = {}
     cached: dict[str, Packed] = {}
     if cache.enabled and src.local is not None:
         ids = identities(src.local, relpaths)
         shas = known_hashes(cache, src.local, ids)
-        cached = _locate(cache, config, src.local, relpaths, shas, params)
+        index = load_index(cache, config)
+        cached = _locate(index, config, src.local, relpaths, shas, params)
     with publish(dest) as tmp:
         store = tmp / "images.zarr"
         group = zarr.open_group(store.zarr(), mode="w")
@@ -391,11 +393,11 @@ def run_ingest(
         results = run_tasks(
             tasks, params.base, kind="decode", progress=progress, shared=[src, tmp], writes=[tmp]
         )
-        records = [r for shard_records, _ in results for r in shard_records]
-        from_cache = sum(hits for _, hits in results)
+        records = [r for shard_records, _, _ in results for r in shard_records]
+        from_cache = sum(hits for _, hits, _ in results)
         if cache.enabled and src.local is not None:
             mark_used(cached.values())
-            drop_superseded(cache, config)  # the cache keeps one copy: this run's packs
+            drop_superseded(index, {key for _, _, packed in results for key in packed})
             remember_hashes(
                 cache,
                 src.local,

@@ -12,8 +12,8 @@ or a cache on another file system, get a written copy.
 Every image is checked against its CRC-32 when read: a pack that was changed in place, cut
 short or removed is a miss, and the image is decoded again. Each ingest run writes a new
 pack per shard listing all its images, so earlier packs whose every image a newer pack holds
-are removed when a run has written its own and whenever the index is loaded; what is left
-ages out through the cache's size limit.
+are removed as soon as a run has written its own (and whenever the index is loaded); what is
+left ages out through the cache's size limit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,13 +99,18 @@ def load_index(cache: Cache, config: str) -> dict[str, Packed]:
     return located
 
 
-def drop_superseded(cache: Cache, config: str) -> None:
-    """Remove the packs of ``config`` whose every image a newer pack holds.
-
-    What :func:`load_index` does on the way; called when a run has written its packs, so the
-    cache does not keep the previous run's copy of the store until the next run looks.
-    """
-    load_index(cache, config)
+def drop_superseded(located: Mapping[str, Packed], written: Set[str]) -> None:
+    """Remove the packs of ``located`` (an earlier :func:`load_index`) whose images are all in
+    ``written``: the keys of packs written since. Then the cache keeps one copy of the store
+    between runs, not the previous run's as well."""
+    owned: dict[str, list[str]] = {}
+    for key, where in located.items():
+        owned.setdefault(where.pack, []).append(key)
+    for pack, keys in sorted(owned.items()):
+        if all(key in written for key in keys):
+            for stale in (Path(pack).with_suffix(".json"), Path(pack)):  # index first
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
 
 def mark_used(located: Iterable[Packed]) -> None:
@@ -138,15 +143,15 @@ def add_pack(
     entries: Sequence[tuple[int, str, int, dict[str, Any]]],
     *,
     shard_file: Path | None = None,
-) -> None:
+) -> bool:
     """Keep the images of ``block`` listed in ``entries`` (row, key, CRC-32, record) as a pack.
 
     ``shard_file``, when given, already holds ``block``'s bytes in pack layout (an uncompressed
-    shard): it is hard-linked instead of written. A cache that cannot be written only costs
-    time later.
+    shard): it is hard-linked instead of written. Returns whether the pack was kept: a cache
+    that cannot be written only costs time later.
     """
     if not cache.enabled or not entries:
-        return
+        return False
     folder = _folder(cache, config)
     name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
     pack = folder / f"{name}.pack"
@@ -159,7 +164,7 @@ def add_pack(
                 f.write(data.data.cast("B"))
             os.replace(tmp, pack)
     except OSError:
-        return
+        return False
     header = {
         "schema": SCHEMA,
         "config": config,
@@ -167,7 +172,7 @@ def add_pack(
         "image_nbytes": int(block[0].nbytes),
         "entries": [[key, row, crc, record] for row, key, crc, record in entries],
     }
-    write_entry(pack.with_suffix(".json"), Entry(header=header, arrays={}))
+    return write_entry(pack.with_suffix(".json"), Entry(header=header, arrays={}))
 
 
 def _link(src: Path, dst: Path) -> bool:

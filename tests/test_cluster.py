@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from test_location import local_digests, run_all, write_folder
 
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.ingest import run_ingest
-from pipeline.normalize import run_normalize
 from pipeline.params import parse_params
 from pipeline.runner import SCHEDULER_ENV, resolve_scheduler
-from pipeline.stats_stage import run_stats
 
 distributed = pytest.importorskip("distributed")
 
@@ -23,8 +19,12 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def cluster_address() -> Iterator[str]:
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=40,
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=40,
     ) as cluster:
         yield cluster.scheduler_address
 
@@ -32,30 +32,8 @@ def cluster_address() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cluster") / "src"
-    rng = np.random.default_rng(11)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(20):
-            img = rng.integers(0, 256, (int(rng.integers(20, 40)), 30, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / c / f"{i:02d}.png")
+    write_folder(root)
     return root
-
-
-def digests(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
-def run_all(folder: Path, out: Path, scheduler: str) -> None:
-    params = parse_params({
-        "base": {"scheduler": scheduler, "workers": 2},
-        "ingest": {"image_size": [16, 16], "chunk_images": 2, "shard_images": 4},
-    })
-    run_ingest(folder, out / "prepared", params)
-    run_stats(out / "prepared" / "images.zarr", out / "stats", params)
-    run_normalize(out / "prepared", out / "stats", out / "normalized", params)
 
 
 def test_cluster_outputs_are_byte_identical_to_threads(
@@ -63,7 +41,7 @@ def test_cluster_outputs_are_byte_identical_to_threads(
 ) -> None:
     run_all(folder, tmp_path / "threads", "threads")
     run_all(folder, tmp_path / "cluster", cluster_address)
-    assert digests(tmp_path / "cluster") == digests(tmp_path / "threads")
+    assert local_digests(tmp_path / "cluster") == local_digests(tmp_path / "threads")
 
 
 def test_environment_variable_overrides_params(

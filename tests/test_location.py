@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import open_normalized
-from pipeline.errors import ParamsError
+from pipeline.errors import BadImagesError, ParamsError
 from pipeline.ingest import run_ingest
 from pipeline.location import Location, parse_location
 from pipeline.normalize import run_normalize
@@ -184,3 +184,25 @@ def test_prepared_store_matches_pillow(tmp_path: Path, memory_root: str) -> None
         with Image.open(tmp_path / "src" / paths[i]) as im:
             want = np.asarray(ImageOps.fit(im.convert("RGB"), (16, 16), Image.Resampling.BILINEAR))
         assert np.array_equal(group["images"][i], want)
+
+
+def names(url: str) -> list[str]:
+    """The entries directly under ``url``."""
+    where = parse_location(url)
+    where.fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in where.fs.ls(where.path, detail=False))
+
+
+def check_failed_stage_keeps_old_output(tmp_path: Path, root: str, scheduler: str) -> None:
+    """A stage that fails (on_error: fail, a bad file) leaves the old output byte for byte and
+    no temporary prefix behind: what publishing on object storage promises."""
+    write_folder(tmp_path / "src")
+    upload(tmp_path / "src", f"{root}/src")
+    out = f"{root}/prepared"
+    run_ingest(f"{root}/src", out, params_for("threads"))
+    before = url_digests(out)
+    parse_location(f"{root}/src/b/99.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(BadImagesError, match=r"b/99\.png"):
+        run_ingest(f"{root}/src", out, params_for(scheduler))
+    assert url_digests(out) == before
+    assert names(root) == ["prepared", "src"]

@@ -8,12 +8,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_location import local_digests, params_for, run_all, upload, url_digests, write_folder
+from test_location import (
+    check_failed_stage_keeps_old_output,
+    local_digests,
+    names,
+    params_for,
+    run_all,
+    upload,
+    url_digests,
+    write_folder,
+)
 
 from pipeline import open_normalized
-from pipeline.errors import BadImagesError, StoreError
+from pipeline.errors import StoreError
 from pipeline.ingest import run_ingest
-from pipeline.location import parse_location
 
 # zarr's FsspecStore makes its own asynchronous s3fs instance (aiohttp session) and never
 # closes it; when it is garbage-collected aiohttp warns. Nothing is lost: the objects are
@@ -24,18 +32,11 @@ pytestmark = [
 ]
 
 
-
 @pytest.fixture(autouse=True)
 def collect_sessions() -> Iterator[None]:
     """Collect those sessions while the filters above apply, not at the session's end."""
     yield
     gc.collect()
-
-
-def names(url: str) -> list[str]:
-    loc = parse_location(url)
-    loc.fs.invalidate_cache()
-    return sorted(p.rsplit("/", 1)[-1] for p in loc.fs.ls(loc.path, detail=False))
 
 
 def test_processes_scheduler_on_s3_is_byte_identical(tmp_path: Path, s3_bucket: str) -> None:
@@ -79,13 +80,4 @@ def test_missing_bucket_is_one_clear_error(tmp_path: Path, s3_bucket: str) -> No
 
 
 def test_failed_stage_on_s3_leaves_old_output(tmp_path: Path, s3_bucket: str) -> None:
-    write_folder(tmp_path / "src")
-    upload(tmp_path / "src", f"{s3_bucket}/src")
-    out = f"{s3_bucket}/prepared"
-    run_ingest(f"{s3_bucket}/src", out, params_for("threads"))
-    before = url_digests(out)
-    parse_location(f"{s3_bucket}/src/b/99.png").write_bytes(b"GIF89a truncated")
-    with pytest.raises(BadImagesError, match=r"b/99\.png"):
-        run_ingest(f"{s3_bucket}/src", out, params_for("processes"))
-    assert url_digests(out) == before
-    assert names(s3_bucket) == ["prepared", "src"]
+    check_failed_stage_keeps_old_output(tmp_path, s3_bucket, "processes")

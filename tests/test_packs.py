@@ -12,7 +12,14 @@ import pytest
 import zarr
 
 from pipeline.cache import Cache
-from pipeline.packs import add_pack, image_crc, load_index, mark_used, read_packed
+from pipeline.packs import (
+    add_pack,
+    drop_superseded,
+    image_crc,
+    load_index,
+    mark_used,
+    read_packed,
+)
 from pipeline.shards import write_shard
 from pipeline.store import create_images_array
 
@@ -131,6 +138,20 @@ def test_newest_pack_wins_and_fully_superseded_packs_are_removed(cache: Cache) -
     np.testing.assert_array_equal(out, old[4])
     assert len(list((cache.root / "packs").rglob("*.pack"))) == 3  # the first one is gone
     assert len(list((cache.root / "packs").rglob("*.json"))) == 3
+
+
+def test_drop_superseded_removes_packs_whose_images_were_all_written_again(cache: Cache) -> None:
+    block = images(12)
+    add_pack(cache, CONFIG, block, entries(block, "k"))  # k-0 .. k-4
+    add_pack(cache, CONFIG, block, entries(block, "m"))  # m-0 .. m-4
+    before = load_index(cache, CONFIG)
+    drop_superseded(before, {f"k-{r}" for r in range(5)} | {"m-0", "m-1"})
+    left = {p.name for p in (cache.root / "packs").rglob("*") if p.is_file()}
+    assert left == {
+        Path(before["m-0"].pack).name,
+        Path(before["m-0"].pack).with_suffix(".json").name,
+    }
+    assert sorted(load_index(cache, CONFIG)) == [f"m-{r}" for r in range(5)]
 
 
 def test_other_configurations_are_not_seen(cache: Cache) -> None:

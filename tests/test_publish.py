@@ -7,9 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_location import local_digests, params_for, upload, url_digests, write_folder
+from test_location import (
+    check_failed_stage_keeps_old_output,
+    local_digests,
+    names,
+    params_for,
+    upload,
+    url_digests,
+    write_folder,
+)
 
-from pipeline.errors import BadImagesError, StoreError
+from pipeline.errors import StoreError
 from pipeline.ingest import run_ingest
 from pipeline.location import parse_location
 from pipeline.publish import publish, root_markers
@@ -21,12 +29,6 @@ def memory_root() -> Iterator[str]:
     url = f"memory://p-{uuid.uuid4().hex[:8]}"
     yield url
     parse_location(url).remove()
-
-
-def names(url: str) -> list[str]:
-    loc = parse_location(url)
-    loc.fs.invalidate_cache()
-    return sorted(p.rsplit("/", 1)[-1] for p in loc.fs.ls(loc.path, detail=False))
 
 
 def test_root_markers() -> None:
@@ -45,16 +47,7 @@ def test_root_markers() -> None:
 def test_failed_stage_leaves_old_output_and_no_temporary_prefix(
     tmp_path: Path, memory_root: str
 ) -> None:
-    write_folder(tmp_path / "src")
-    upload(tmp_path / "src", f"{memory_root}/src")
-    out = f"{memory_root}/prepared"
-    run_ingest(f"{memory_root}/src", out, params_for("threads"))
-    before = url_digests(out)
-    parse_location(f"{memory_root}/src/b/99.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
-    with pytest.raises(BadImagesError, match=r"b/99\.png"):
-        run_ingest(f"{memory_root}/src", out, params_for("threads"))  # on_error: fail
-    assert url_digests(out) == before
-    assert names(memory_root) == ["prepared", "src"]
+    check_failed_stage_keeps_old_output(tmp_path, memory_root, "threads")
 
 
 def test_skipped_files_are_compacted_the_same_as_locally(tmp_path: Path, memory_root: str) -> None:
