@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_location import local_digests, run_all, write_folder
+from test_location import local_cluster, local_digests, run_all, write_folder
 
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.ingest import run_ingest
@@ -18,14 +18,7 @@ distributed = pytest.importorskip("distributed")
 
 @pytest.fixture(scope="module")
 def cluster_address() -> Iterator[str]:
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=40,
-    ) as cluster:
+    with local_cluster() as cluster:
         yield cluster.scheduler_address
 
 

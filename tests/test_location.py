@@ -7,6 +7,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -206,3 +207,17 @@ def check_failed_stage_keeps_old_output(tmp_path: Path, root: str, scheduler: st
         run_ingest(f"{root}/src", out, params_for(scheduler))
     assert url_digests(out) == before
     assert names(root) == ["prepared", "src"]
+
+
+def local_cluster() -> Any:
+    """A real dask.distributed cluster on loopback: 2 worker processes of one thread each."""
+    import distributed
+
+    return distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=40,
+    )

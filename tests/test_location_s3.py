@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from test_location import (
     check_failed_stage_keeps_old_output,
+    local_cluster,
     local_digests,
     names,
     params_for,
@@ -52,19 +53,12 @@ def test_processes_scheduler_on_s3_is_byte_identical(tmp_path: Path, s3_bucket: 
 
 
 def test_cluster_on_s3_is_byte_identical(tmp_path: Path, s3_bucket: str) -> None:
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     write_folder(tmp_path / "src")
     run_all(tmp_path / "src", tmp_path / "local", "threads")
     upload(tmp_path / "src", f"{s3_bucket}/src")
     # Started here, after s3_bucket set the environment the worker processes inherit.
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=40,
-    ) as cluster:
+    with local_cluster() as cluster:
         run_all(f"{s3_bucket}/src", f"{s3_bucket}/out", cluster.scheduler_address)
     assert url_digests(f"{s3_bucket}/out") == local_digests(tmp_path / "local")
 
