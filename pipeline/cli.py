@@ -157,7 +157,9 @@ def normalize(
 @app.command()
 @_reports_errors
 def verify(
-    store: Annotated[Path, typer.Argument(help="Normalized folder or images.zarr to check.")],
+    store: Annotated[
+        str, typer.Argument(help="Normalized folder or images.zarr to check; path or URL.")
+    ],
     sample: Annotated[
         int | None, typer.Option(help="Check only this many seeded random samples.")
     ] = None,
@@ -181,7 +183,7 @@ def verify(
 @app.command()
 @_reports_errors
 def show(
-    store: Annotated[Path, typer.Argument(help="Normalized folder or images.zarr.")],
+    store: Annotated[str, typer.Argument(help="Normalized folder or images.zarr; path or URL.")],
     indices: Annotated[list[int], typer.Argument(help="Sample indices to draw.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("show"),
 ) -> None:
@@ -195,7 +197,9 @@ def show(
 @app.command()
 @_reports_errors
 def export(
-    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
+    stats_dir: Annotated[
+        str, typer.Argument(help="Stats folder written by `pipeline stats`; path or URL.")
+    ],
     format: Annotated[
         str, typer.Option("--format", help="torchvision | albumentations | timm | keras | json")
     ] = "json",
@@ -254,7 +258,9 @@ def audit(
 @app.command()
 @_reports_errors
 def report(
-    stats_dir: Annotated[Path, typer.Argument(help="Stats folder written by `pipeline stats`.")],
+    stats_dir: Annotated[
+        str, typer.Argument(help="Stats folder written by `pipeline stats`; path or URL.")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Output folder for the plot files.")],
 ) -> None:
     """Write OUT_DIR/histogram.json, mean_image.png and std_image.png for `dvc plots`."""

@@ -7,6 +7,7 @@ are interpolated with numpy. PNGs carry no timestamps: the same statistics give 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.audit import Audit
+from pipeline.location import Location
 from pipeline.revisions import RevisionStats, StatsArrays
 from pipeline.statsfile import load_stats
 from pipeline.store import atomic_output, write_json
@@ -318,7 +320,7 @@ def histogram_rows(
     ]
 
 
-def write_report(stats_dir: Path, out_dir: Path) -> list[Path]:
+def write_report(stats_dir: str | os.PathLike[str] | Location, out_dir: Path) -> list[Path]:
     """The ``report`` stage: histogram.json, mean_image.png and std_image.png of one stats folder.
 
     Parameters

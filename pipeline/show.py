@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import zarr
 from PIL import Image
 
+from pipeline.location import Location
 from pipeline.reader import open_normalized
 
 __all__ = ["show_samples"]
@@ -29,7 +31,9 @@ def _rescaled(y: np.ndarray) -> np.ndarray:
     return np.rint((y - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
-def show_samples(store: Path, indices: list[int], out_dir: Path) -> list[Path]:
+def show_samples(
+    store: str | os.PathLike[str] | Location, indices: list[int], out_dir: Path
+) -> list[Path]:
     """Write one PNG per index: raw | normalized (rescaled) | denormalized."""
     ds = open_normalized(store, verify=False)
     prepared = zarr.open_array(str(ds.path / ds.lineage["prepared"]["path"] / "images"), mode="r")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -71,7 +71,11 @@ def _check_block(
 
 
 def verify_store(
-    path: Path, *, sample: int | None = None, seed: int = 0, base: BaseParams | None = None
+    path: str | os.PathLike[str] | Location,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+    base: BaseParams | None = None,
 ) -> VerifyReport:
     """Check lineage, then recompute all samples (or ``sample`` seeded ones) and compare."""
     store = normalized_store_path(path).resolve()

@@ -169,6 +169,46 @@ def test_open_normalized_reads_a_memory_store(tmp_path: Path, memory_root: str) 
         open_normalized(f"{memory_root}/out/normalized")
 
 
+def test_tools_take_urls_too(tmp_path: Path, memory_root: str) -> None:
+    """verify, export, report and show read a memory:// run like a local one (CLI in-process)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    write_folder(tmp_path / "src")
+    run_all(tmp_path / "src", tmp_path / "local", "threads")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    run_all(f"{memory_root}/src", f"{memory_root}/out", "threads")
+    params = tmp_path / "params.yaml"
+    params.write_text("base: {scheduler: threads, workers: 2}\n")
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    cli("verify", f"{memory_root}/out/normalized", "--params", str(params))
+    for fmt in ("json", "torchvision"):
+        remote = cli("export", f"{memory_root}/out/stats", "--format", fmt)
+        assert remote == cli("export", str(tmp_path / "local" / "stats"), "--format", fmt)
+    cli("report", f"{memory_root}/out/stats", str(tmp_path / "r-remote"))
+    cli("report", str(tmp_path / "local" / "stats"), str(tmp_path / "r-local"))
+    assert local_digests(tmp_path / "r-remote") == local_digests(tmp_path / "r-local")
+    shown = cli("show", f"{memory_root}/out/normalized", "3", "--out", str(tmp_path / "png"))
+    assert shown.strip().endswith(".png")
+    # A damaged remote store fails verify, as a local one does.
+    shard = parse_location(f"{memory_root}/out/normalized/images.zarr/images/c/0/0/0/0")
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(
+        app, ["verify", f"{memory_root}/out/normalized", "--params", str(params)]
+    )
+    assert result.exit_code == 1
+    assert "1 sample(s) differ: 0" in result.stderr
+
+
 def test_prepared_store_matches_pillow(tmp_path: Path, memory_root: str) -> None:
     """Pixels read from the memory:// store equal Pillow's own resize of the source files."""
     import zarr
