@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dask
 import numpy as np
@@ -138,9 +137,29 @@ def _batch_moments(
     return block_moments(block)
 
 
-def _moments_of(tasks: Sequence[Any], params: Params, path: str) -> Moments | None:
-    """Combined moments of Dask tasks that each reduce a batch; None if one could not."""
+def _moments_of(
+    located: Sequence[Packed | None],
+    indices: Sequence[int] | None,
+    path: str,
+    layout: tuple[tuple[int, ...], str],
+    params: Params,
+) -> Moments | None:
+    """Combined moments of images kept in cache packs, a batch per Dask task.
+
+    ``indices`` name the same images in the store at ``path``, for those a pack cannot give;
+    None when one of them cannot be had at all.
+    """
+    tasks = [
+        dask.delayed(_batch_moments, pure=False)(
+            pickle.dumps(located[a : a + BATCH_IMAGES]),  # not walked by Dask
+            None if indices is None else indices[a : a + BATCH_IMAGES],
+            path,
+            *layout,
+        )
+        for a in range(0, len(located), BATCH_IMAGES)
+    ]
     parts = run_tasks(tasks, params.base, kind="reduce", shared=[Path(path)])
+    mark_used(w for w in located if w is not None)
     if any(p is None for p in parts):
         return None
     return combine(parts)
@@ -179,7 +198,7 @@ def reuse_moments(
     path = str(store.path.resolve() / "images")
     rows = dict(zip(base_files, before.image_std, strict=True))
     layout = (tuple(store.images.shape[1:]), str(store.images.dtype))
-    index: dict[str, Packed] = {}
+    index = load_index(cache, config) if added or removed else {}
     result = before
     if added:
         picked: list[tuple[str, int]] = []
@@ -188,44 +207,18 @@ def reuse_moments(
             if wanted.get(sha, 0) > 0:
                 wanted[sha] -= 1
                 picked.append((sha, start + offset))
-        indices = [i for _, i in picked]
-        index = load_index(cache, config)
         located = [index.get(decoded_key(sha, config)) for sha, _ in picked]
-        plus = _moments_of(
-            [
-                dask.delayed(_batch_moments, pure=False)(
-                    pickle.dumps(located[a : a + BATCH_IMAGES]),  # not walked by Dask
-                    indices[a : a + BATCH_IMAGES],
-                    path,
-                    *layout,
-                )
-                for a in range(0, len(indices), BATCH_IMAGES)
-            ],
-            params,
-            path,
-        )
-        mark_used(w for w in located if w is not None)
+        plus = _moments_of(located, [i for _, i in picked], path, layout, params)
         if plus is None:
             return None
         rows.update(zip((s for s, _ in picked), plus.image_std, strict=True))
         result = combine([result, plus])
     if removed:
         gone = [sha for sha, k in sorted(removed.items()) for _ in range(k)]
-        index = index if added else load_index(cache, config)
         located = [index.get(decoded_key(sha, config)) for sha in gone]
         if any(where is None for where in located):
             return None
-        minus = _moments_of(
-            [
-                dask.delayed(_batch_moments, pure=False)(
-                    pickle.dumps(located[a : a + BATCH_IMAGES]), None, path, *layout
-                )
-                for a in range(0, len(located), BATCH_IMAGES)
-            ],
-            params,
-            path,
-        )
-        mark_used(w for w in located if w is not None)
+        minus = _moments_of(located, None, path, layout, params)
         if minus is None:
             return None
         result = Moments(
