@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from pipeline.reader import NormalizedDataset, open_normalized
-from pipeline.statsfile import Stats, load_stats
-
 __all__ = ["NormalizedDataset", "Stats", "__version__", "load_stats", "open_normalized"]
+
+# Imported on first use (PEP 562), so a stage command loads only the code it runs: the stages'
+# recorded code digests (pipeline/stagecode.py) then cover just that code.
+_LAZY = {
+    "NormalizedDataset": "pipeline.reader",
+    "open_normalized": "pipeline.reader",
+    "Stats": "pipeline.statsfile",
+    "load_stats": "pipeline.statsfile",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 import zlib
@@ -39,17 +40,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, StoreError
 from pipeline.store import dumps_json
 
 __all__ = [
     "CACHE_DIR_ENV",
     "CACHE_LIMIT_ENV",
+    "CACHE_SHARED_ENV",
     "Cache",
     "CacheInfo",
     "Entry",
     "cache_key",
     "default_dir",
+    "is_real_dir",
     "open_cache",
     "parse_size",
     "read_entry",
@@ -58,6 +61,8 @@ __all__ = [
 
 CACHE_DIR_ENV = "PIPELINE_CACHE_DIR"
 CACHE_LIMIT_ENV = "PIPELINE_CACHE_LIMIT"
+CACHE_SHARED_ENV = "PIPELINE_CACHE_SHARED"
+MAX_ENTRY_BYTES = 2**30  # larger entry files are never read (a moments entry of 1M images: ~100 MB)
 DEFAULT_LIMIT = 10 * 10**9
 KINDS = ("packs", "hashes", "moments")
 MAGIC = b"pipeline-cache/2\n"
@@ -138,12 +143,15 @@ def _decode(data: bytes) -> Entry | None:
         meta = json.loads(data[len(MAGIC) : end])
         payload = memoryview(data)[end + 1 :]
         unchecked = {k: v for k, v in meta.items() if k != "crc32"}
-        if _digest(unchecked, [payload]) != meta["crc32"]:
+        if _digest(unchecked, [payload]) != meta["crc32"] or not isinstance(meta["header"], dict):
             return None
         arrays, offset = {}, 0
         for spec in meta["arrays"]:
             dtype = np.dtype(spec["dtype"])
-            count = int(np.prod(spec["shape"], dtype=np.int64))
+            shape = spec["shape"]
+            if dtype.kind not in "biuf" or not all(type(d) is int and d >= 0 for d in shape):
+                return None  # CRC-valid but not what we write: a miss, never a crash
+            count = int(np.prod(shape, dtype=object))
             arrays[spec["name"]] = np.frombuffer(
                 payload, dtype=dtype, count=count, offset=offset
             ).reshape(spec["shape"])
@@ -151,7 +159,7 @@ def _decode(data: bytes) -> Entry | None:
         if offset != len(payload):
             return None
         return Entry(header=meta["header"], arrays=arrays)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -161,12 +169,32 @@ def _last_use(members: Sequence[tuple[os.stat_result, Path]]) -> int:
     return max(marks or [st.st_mtime_ns for st, _ in members])
 
 
-def read_entry(path: Path) -> Entry | None:
-    """The verified entry in file ``path``; None when it is missing or damaged (then removed)."""
+def is_real_dir(path: Path) -> bool:
+    """True when ``path`` is a folder and not a symlink (the cache never follows one)."""
     try:
-        data = path.read_bytes()
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_entry(path: Path) -> Entry | None:
+    """The verified entry in file ``path``; None when it is missing or damaged (then removed).
+
+    The file is untrusted input: a symlink, a FIFO or device, or a file larger than
+    ``MAX_ENTRY_BYTES`` is a miss without being read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_ENTRY_BYTES:
+            return None
+        try:
+            data = f.read(MAX_ENTRY_BYTES + 1)
+        except OSError:
+            return None
     entry = _decode(data)
     if entry is None:
         with contextlib.suppress(OSError):
@@ -201,11 +229,22 @@ class Cache:
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / key
 
+    def _inside(self, path: Path) -> bool:
+        """True when every folder from the root down to ``path``'s folder is a real folder."""
+        folder = path.parent
+        while folder != self.root:
+            if not is_real_dir(folder):
+                return False
+            folder = folder.parent
+        return True
+
     def get(self, kind: str, key: str) -> Entry | None:
         """The verified entry, or None (a damaged entry is removed, so it gets rebuilt)."""
         if not self.enabled:
             return None
         path = self._path(kind, key)
+        if not self._inside(path):
+            return None
         entry = read_entry(path)
         if entry is not None:
             with contextlib.suppress(OSError):
@@ -215,18 +254,25 @@ class Cache:
     def put(self, kind: str, key: str, entry: Entry) -> None:
         """Store ``entry``; a cache that cannot be written only costs time later."""
         if self.enabled:
-            write_entry(self._path(kind, key), entry)
+            path = self._path(kind, key)
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            if self._inside(path):
+                write_entry(path, entry)
 
     def _files(self) -> Iterator[tuple[str, os.stat_result, Path]]:
+        """Every regular file of the cache, never through a symlink (trim deletes what this
+        yields: a symlinked folder must not make it delete files elsewhere)."""
         for kind in KINDS:
             base = self.root / kind
-            if not base.is_dir():
+            if not is_real_dir(base):
                 continue
-            for sub in sorted(base.iterdir()):
-                if sub.is_dir():
-                    for f in sub.iterdir():
+            for sub in _scan(base):
+                if sub.is_dir(follow_symlinks=False):
+                    for f in _scan(Path(sub.path)):
                         with contextlib.suppress(OSError):
-                            yield kind, f.stat(), f
+                            if f.is_file(follow_symlinks=False):
+                                yield kind, f.stat(follow_symlinks=False), Path(f.path)
 
     def info(self) -> CacheInfo:
         """Entry count and bytes per kind (a pack and its index count as one entry)."""
@@ -272,8 +318,44 @@ class Cache:
         """Remove every entry; return the bytes freed."""
         freed = sum(self.info().bytes.values())
         for kind in KINDS:
-            shutil.rmtree(self.root / kind, ignore_errors=True)
+            base = self.root / kind
+            if is_real_dir(base):
+                shutil.rmtree(base, ignore_errors=True)  # rmtree never follows symlinks
+            elif base.is_symlink():
+                base.unlink()  # the link only: what it points to is not ours
         return freed
+
+
+def _scan(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _check_private(root: Path) -> None:
+    """Refuse a cache folder that other users can write: whoever can write the cache can change
+    results (as with any build cache). Created private (0700) when it does not exist."""
+    if os.environ.get(CACHE_SHARED_ENV, "").strip() == "1":
+        return
+    st = os.stat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(
+            f"The cache folder {root} is not a folder. Set {CACHE_DIR_ENV} to a folder."
+        )
+    foreign = hasattr(os, "getuid") and st.st_uid != os.getuid()
+    if foreign or st.st_mode & 0o022:
+        who = (
+            "owned by another user"
+            if foreign
+            else f"writable by others (mode {st.st_mode & 0o777:o})"
+        )
+        raise StoreError(
+            f"The cache folder {root} is {who}: whoever can write it can change results. "
+            f"`chmod 700 {root}`, choose another {CACHE_DIR_ENV}, or set {CACHE_SHARED_ENV}=1 "
+            f"if everyone who can write it is trusted."
+        )
 
 
 def default_dir() -> Path:
@@ -292,4 +374,10 @@ def open_cache(root: Path | str | None = None) -> Cache:
     limit = parse_size(limit_text) if limit_text else DEFAULT_LIMIT
     if chosen.strip().lower() == "off":
         return Cache(root=default_dir(), limit=limit, enabled=False)
-    return Cache(root=Path(chosen).resolve() if chosen else default_dir(), limit=limit)
+    root = Path(chosen).resolve() if chosen else default_dir()
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return Cache(root=root, limit=limit, enabled=False)  # a cache only saves time
+    _check_private(root)
+    return Cache(root=root, limit=limit)

@@ -163,13 +163,32 @@ def verify(
     sample: Annotated[
         int | None, typer.Option(help="Check only this many seeded random samples.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for --sample and --decode.")] = 0,
+    source: Annotated[
+        str | None,
+        typer.Option(help="The image folder the prepared data was made from (for --decode)."),
+    ] = None,
+    decode: Annotated[
+        int,
+        typer.Option(help="Decode this many seeded source files afresh and compare them."),
+    ] = 0,
     params: ParamsOption = None,
 ) -> None:
-    """Recompute STORE from its prepared store and stats; exit 1 on any mismatch."""
+    """Check STORE: a normalized store is recomputed from its prepared store and stats, a
+    prepared store's pixels are checked against their recorded digests; with --source and
+    --decode N, N seeded source files are decoded afresh and compared. Exit 1 on any mismatch."""
     from pipeline.verify import verify_store
 
-    report = verify_store(store, sample=sample, seed=seed, base=load_params(params).base)
+    if decode and source is None:
+        raise PipelineError("verify --decode needs --source, the image folder ingest read.")
+    report = verify_store(
+        store,
+        sample=sample,
+        seed=seed,
+        base=load_params(params).base,
+        source=source,
+        decode=decode,
+    )
     for problem in report.problems:
         typer.echo(f"verify: {problem}", err=True)
     if report.mismatched:
@@ -177,7 +196,8 @@ def verify(
         typer.echo(f"verify: {len(report.mismatched)} sample(s) differ: {shown}", err=True)
     if not report.ok:
         raise typer.Exit(1)
-    typer.echo(f"verify: {report.checked} samples match; lineage checks out ({report.store})")
+    decoded = f", {report.decoded} source files decode to the same pixels" if report.decoded else ""
+    typer.echo(f"verify: {report.checked} samples match{decoded}; checks out ({report.store})")
 
 
 @app.command()

@@ -24,6 +24,7 @@ import dask
 import numpy as np
 
 from pipeline.cache import Cache, Entry, cache_key
+from pipeline.digests import check_digests
 from pipeline.ingest import decoded_key
 from pipeline.lineage import PACKAGE_DIR
 from pipeline.packs import Packed, load_index, mark_used, read_packed
@@ -47,16 +48,36 @@ def _code_sha256(names: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _identity(sha256: str, digest: int) -> str:
+    """One stored image: its source file's sha256 and the CRC-32C of its stored pixels."""
+    return f"{sha256}:{int(digest):08x}"
+
+
+def _split_identity(identity: str) -> tuple[str, int]:
+    sha, digest = identity.split(":")
+    return sha, int(digest, 16)
+
+
 def fit_files(store: PreparedStore, start: int, stop: int) -> list[str] | None:
-    """sha256 of the source file of each sample in [start, stop), from the manifest."""
+    """The identity of each sample in [start, stop): its source file's sha256 (from the manifest)
+    and its recorded pixel digest, so a kept fit is tied to the exact pixels it covers."""
     manifest = store.path.parent / "manifest.jsonl"
     if not manifest.is_file() or "decode_config" not in store.attrs:
         return None
-    with open(manifest, encoding="ascii") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(manifest, encoding="ascii", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                rows.append(str(row["sha256"]))
+            except (ValueError, KeyError, TypeError):
+                return None  # the stage fits from scratch; open_prepared checked the digest
     if len(rows) != store.images.shape[0]:
         return None
-    return [str(row["sha256"]) for row in rows[start:stop]]
+    return [
+        _identity(sha, d)
+        for sha, d in zip(rows[start:stop], store.digests[start:stop], strict=True)
+    ]
 
 
 def moments_key(store: PreparedStore) -> str:
@@ -81,7 +102,7 @@ def save_moments(cache: Cache, key: str, files: Sequence[str], moments: Moments)
     }
     if any(a.dtype == object for a in arrays.values()):
         return  # totals beyond int64: rare enough to always fit from scratch
-    header = {"files": list(files), "pixel_max": moments.pixel_max}
+    header = {"images": list(files), "pixel_max": moments.pixel_max}
     cache.put("moments", key, Entry(header=header, arrays=arrays))
 
 
@@ -94,17 +115,36 @@ class Reuse:
     removed: int
 
 
-def _load(cache: Cache, key: str) -> tuple[list[str], Moments] | None:
+def _load(cache: Cache, key: str, shape: tuple[int, ...]) -> tuple[list[str], Moments] | None:
+    """The kept fit, checked as untrusted input: anything malformed is a miss."""
     entry = cache.get("moments", key)
     if entry is None:
         return None
-    files = [str(f) for f in entry.header["files"]]
-    a = entry.arrays
-    if a["image_std"].shape[0] != len(files):
+    try:
+        files = entry.header["images"]
+        pixel_max = entry.header["pixel_max"]
+        a = entry.arrays
+        c = shape[-1]
+        ok = (
+            isinstance(files, list)
+            and all(isinstance(f, str) and len(f) == 73 for f in files)
+            and pixel_max in (255, 65535)
+            and a["pixel_sum"].shape == shape
+            and a["pixel_sumsq"].shape == shape
+            and a["histogram"].shape == (c, pixel_max + 1)
+            and a["image_std"].shape == (len(files), c)
+            and all(a[k].dtype == np.int64 for k in ("pixel_sum", "pixel_sumsq", "histogram"))
+            and a["image_std"].dtype == np.float64
+        )
+        for f in files if ok else ():
+            _split_identity(f)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not ok:
         return None
     return files, Moments(
         n_images=len(files),
-        pixel_max=int(entry.header["pixel_max"]),
+        pixel_max=int(pixel_max),
         pixel_sum=a["pixel_sum"],
         pixel_sumsq=a["pixel_sumsq"],
         histogram=a["histogram"],
@@ -121,24 +161,32 @@ def _batch_moments(
 ) -> Moments | None:
     """Moments of a batch of images, read from cache packs where they are.
 
-    ``work`` is the pickled list of where each image lies in the cache (or None). Images a
-    pack cannot give (missing or damaged) are read from samples ``indices`` of the prepared
-    images array at ``path``; with no ``indices``, such an image means None.
+    ``work`` is the pickled list of (where each image lies in the cache or None, the digest
+    its pixels must have). Images a pack cannot give (missing, damaged, or other pixels) are
+    read from samples ``indices`` of the prepared images array at ``path`` and checked against
+    their digests; with no ``indices``, such an image means None.
     """
-    located: list[Packed | None] = pickle.loads(work)
+    located: list[tuple[Packed | None, int]] = pickle.loads(work)
     block = np.empty((len(located), *shape), dtype=dtype)
-    missing = [i for i, w in enumerate(located) if w is None or not read_packed(w, block[i])]
+    missing = [
+        i
+        for i, (w, digest) in enumerate(located)
+        if w is None or w.crc32 != digest or not read_packed(w, block[i])
+    ]
     if missing:
         if indices is None:
             return None
         # Scattered samples through zarr decode whole chunks each: the slow path, measured
         # 10x the pack reads for 1,600 added images among 22,000.
-        block[missing] = read_selection(path, [indices[i] for i in missing])
+        wanted = [indices[i] for i in missing]
+        block[missing] = read_selection(path, wanted)
+        for i, sample in zip(missing, wanted, strict=True):
+            check_digests(block[i : i + 1], np.array([located[i][1]]), sample, path)
     return block_moments(block)
 
 
 def _moments_of(
-    located: Sequence[Packed | None],
+    located: Sequence[tuple[Packed | None, int]],
     indices: Sequence[int] | None,
     path: str,
     layout: tuple[tuple[int, ...], str],
@@ -159,10 +207,16 @@ def _moments_of(
         for a in range(0, len(located), BATCH_IMAGES)
     ]
     parts = run_tasks(tasks, params.base, kind="reduce", shared=[Path(path)])
-    mark_used(w for w in located if w is not None)
+    mark_used(w for w, _ in located if w is not None)
     if any(p is None for p in parts):
         return None
     return combine(parts)
+
+
+def _located(index: dict[str, Packed], identity: str, config: str) -> tuple[Packed | None, int]:
+    """Where the cache holds the pixels of ``identity``, and the digest they must have."""
+    sha, digest = _split_identity(identity)
+    return index.get(decoded_key(sha, config)), digest
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -179,20 +233,21 @@ def reuse_moments(
 ) -> Reuse | None:
     """Moments of samples [start, stop) from the cached earlier fit, or None.
 
-    ``files`` holds the source sha256 of each of those samples. None when there is no earlier
-    fit, when more images changed than stayed, or when a removed image's pixels are gone.
+    ``files`` holds the identity of each of those samples (:func:`fit_files`). None when there
+    is no earlier fit, when more images changed than stayed, or when a removed image's pixels
+    are gone.
     """
-    base = _load(cache, moments_key(store))
+    base = _load(cache, moments_key(store), tuple(store.images.shape[1:]))
     if base is None:
         return None
     base_files, before = base
+    if before.pixel_max != int(store.attrs["pixel_max"]):
+        return None
     now, then = Counter(files), Counter(base_files)
     added, removed = now - then, then - now
     n = len(files)
     changed = sum(added.values()) + sum(removed.values())
     if changed >= n or 2 * n * before.pixel_max**2 > INT64_MAX:
-        return None
-    if before.pixel_sum.shape != tuple(store.images.shape[1:]):
         return None
     config = str(store.attrs["decode_config"])
     path = str(store.path.resolve() / "images")
@@ -207,7 +262,7 @@ def reuse_moments(
             if wanted.get(sha, 0) > 0:
                 wanted[sha] -= 1
                 picked.append((sha, start + offset))
-        located = [index.get(decoded_key(sha, config)) for sha, _ in picked]
+        located = [_located(index, sha, config) for sha, _ in picked]
         plus = _moments_of(located, [i for _, i in picked], path, layout, params)
         if plus is None:
             return None
@@ -215,8 +270,8 @@ def reuse_moments(
         result = combine([result, plus])
     if removed:
         gone = [sha for sha, k in sorted(removed.items()) for _ in range(k)]
-        located = [index.get(decoded_key(sha, config)) for sha in gone]
-        if any(where is None for where in located):
+        located = [_located(index, sha, config) for sha in gone]
+        if any(where is None or where.crc32 != digest for where, digest in located):
             return None
         minus = _moments_of(located, None, path, layout, params)
         if minus is None:

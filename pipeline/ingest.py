@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError, features
 
 from pipeline import images as images_module
 from pipeline.cache import Cache, cache_key, open_cache
+from pipeline.digests import image_digest, image_digests
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
 from pipeline.filehash import hash_files, identities, known_hashes, remember_hashes
 from pipeline.images import (
@@ -47,7 +48,6 @@ from pipeline.packs import (
     Packed,
     add_pack,
     drop_superseded,
-    image_crc,
     load_index,
     mark_used,
     read_packed,
@@ -64,9 +64,10 @@ from pipeline.store import (
     split_ranges,
     thread_buffer,
     write_json,
+    write_small_array,
 )
 
-__all__ = ["IngestResult", "decode_config", "decoded_key", "run_ingest"]
+__all__ = ["IngestResult", "ShardResult", "decode_config", "decoded_key", "run_ingest"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,16 @@ def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
         )
     order = {s: i for i, s in enumerate(SPLITS)}
     return sorted(files, key=lambda f: (order[f.split], f.relpath))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardResult:
+    """What one shard task did: a record per file, cache hits, packed keys, pixel digests."""
+
+    records: list[dict[str, Any]]
+    hits: int  # files whose decoded pixels came from the cache
+    packed: list[str]  # cache keys of the images in the new pack (none when it was not kept)
+    digests: np.ndarray  # (n,) uint32 CRC-32C of each stored image (zeros: unusable file)
 
 
 def _probe_shape(
@@ -185,13 +196,11 @@ def _decode_shard(
     shape: tuple[int, int, int],
     cache: Cache,
     config: str,
-) -> tuple[list[dict[str, Any]], int, list[str]]:
+) -> ShardResult:
     """Decode the files of one shard (or take them from the cache) and write the whole shard.
 
     ``work`` is the pickled list of each file's path and where the cache holds its decoded
     pixels, if it does. The shard is then kept in the cache as a pack of all its images.
-    Returns one record per file, how many files came from the cache and the cache keys of the
-    images in the new pack (none when it could not be kept).
     """
     items: list[tuple[str, Packed | None]] = pickle.loads(work)
     array = zarr.open_array(images.zarr(), mode="r+")
@@ -235,13 +244,19 @@ def _decode_shard(
         record = _record(d)
         records.append(record)
         if cache.enabled:
-            keep.append((i, decoded_key(d.sha256, config), image_crc(buf[i]), record))
+            keep.append((i, decoded_key(d.sha256, config), image_digest(buf[i]), record))
     for i, record in enumerate(records):
         if "error" in record:
             buf[i] = 0  # rows of unusable files hold zeros (they are compacted away)
+    digests = image_digests(buf)
     shard_file = write_shard(array, images.local, start, buf)
     packed = add_pack(cache, config, buf, keep, shard_file=shard_file)
-    return records, hits, [key for _, key, _, _ in keep] if packed else []
+    return ShardResult(
+        records=records,
+        hits=hits,
+        packed=[key for _, key, _, _ in keep] if packed else [],
+        digests=digests,
+    )
 
 
 def _locate(
@@ -393,11 +408,12 @@ def run_ingest(
         results = run_tasks(
             tasks, params.base, kind="decode", progress=progress, shared=[src, tmp], writes=[tmp]
         )
-        records = [r for shard_records, _, _ in results for r in shard_records]
-        from_cache = sum(hits for _, hits, _ in results)
+        records = [r for result in results for r in result.records]
+        digests = np.concatenate([result.digests for result in results])
+        from_cache = sum(result.hits for result in results)
         if cache.enabled and src.local is not None:
             mark_used(cached.values())
-            drop_superseded(index, {key for _, _, packed in results for key in packed})
+            drop_superseded(index, {key for result in results for key in result.packed})
             remember_hashes(
                 cache,
                 src.local,
@@ -439,10 +455,12 @@ def run_ingest(
         write_json(tmp / "rejected.json", [{"path": p, "reason": r} for p, r in rejected])
         write_json(tmp / "duplicates.json", [{"paths": g} for g in groups])
         _write_sample_arrays(group, kept_files)
+        kept_digests = digests[kept]
+        write_small_array(group, "crc32c", kept_digests, ("sample",))
         classes = sorted({f.label for f in kept_files if f.label})
         per_split = {s: sum(1 for f in kept_files if f.split == s) for s in SPLITS}
         bounds = split_ranges(np.array([SPLITS.index(f.split) for f in kept_files]))
-        fingerprint = prepared_fingerprint(manifest, ip.decode_dict())
+        fingerprint = prepared_fingerprint(manifest, ip.decode_dict(), kept_digests)
         group.attrs.update(
             {
                 "schema": PREPARED_SCHEMA,

@@ -1,13 +1,12 @@
-"""Lineage facts recorded in a normalized store: versions, code hash, git revision."""
+"""Lineage facts recorded in a normalized store: library versions and the git revision."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["code_sha256", "git_revision", "library_versions"]
+__all__ = ["git_revision", "library_versions"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -31,14 +30,6 @@ def library_versions() -> dict[str, str]:
         "zarr": zarr.__version__,
         "dask": dask.__version__,
     }
-
-
-def code_sha256() -> str:
-    """sha256 over the package's source files: identifies the code that ran, deterministically."""
-    h = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def git_revision(cwd: Path) -> dict[str, Any] | None:

@@ -11,14 +11,16 @@ import dask
 import numpy as np
 import zarr
 
+from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
-from pipeline.lineage import code_sha256, git_revision, library_versions
+from pipeline.lineage import git_revision, library_versions
 from pipeline.location import Location, parse_location
 from pipeline.params import Params
 from pipeline.publish import publish
 from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.shards import write_shard
+from pipeline.stagecode import stage_code_sha256
 from pipeline.statsfile import Stats, load_stats
 from pipeline.store import (
     create_images_array,
@@ -64,14 +66,17 @@ def _normalize_shard(
     dst: Location,
     start: int,
     stop: int,
+    digests: np.ndarray,
     mode: str,
     constants: Constants | None,
     eps: float,
     divisor: float,
     dtype: str,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Read samples [start, stop), normalize, write them as one whole output shard."""
+    """Read samples [start, stop), check them against the digests ingest recorded, normalize,
+    and write them as one whole output shard."""
     block = read_samples(src, start, stop)
+    check_digests(block, digests, start, src)
     out, used = expected_block(block, mode, constants, eps, divisor, dtype)
     write_shard(zarr.open_array(dst.zarr(), mode="r+"), dst.local, start, out)
     return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
@@ -165,6 +170,7 @@ def run_normalize(
                 tmp / "images.zarr" / "images",
                 a,
                 min(a + shard, n),
+                store.digests[a : a + shard],
                 np_.mode,
                 constants,
                 np_.eps,
@@ -243,7 +249,7 @@ def _lineage(
         },
         "params": {"normalize": {k: v for k, v in vars(np_).items()}},
         "versions": library_versions(),
-        "code_sha256": code_sha256(),
+        "code_sha256": stage_code_sha256("normalize"),  # the files dvc.yaml lists as its deps
     }
     if np_.record_git_revision:
         lineage["git"] = git_revision(Path.cwd())

@@ -3,13 +3,14 @@
 A pack is a file holding the decoded images of one ingest shard back to back (image ``r`` at
 byte ``r * image_nbytes``), beside an index entry ``NAME.json`` naming each image by
 :func:`pipeline.ingest.decoded_key` (its source file's sha256 and the decode configuration),
-with the CRC-32 of its bytes and its manifest record. An uncompressed shard of the prepared
-store has exactly that layout, so its pack is a hard link of the shard file: keeping the
-decoded images costs no write and no disk space while the store exists (measured: a copy per
-image was a second 150 kB write per file, as costly as decoding a small JPEG). Other layouts,
+with the CRC-32C of its bytes (:mod:`pipeline.digests`) and its manifest record. An
+uncompressed shard of the prepared store has exactly that layout, so its pack is a hard link
+of the shard file: keeping the decoded images costs no write and no disk space while the store
+exists (measured: a copy per image was a second 150 kB write per file, as costly as decoding a
+small JPEG). Other layouts,
 or a cache on another file system, get a written copy.
 
-Every image is checked against its CRC-32 when read: a pack that was changed in place, cut
+Every image is checked against its CRC-32C when read: a pack that was changed in place, cut
 short or removed is a miss, and the image is decoded again. Each ingest run writes a new
 pack per shard listing all its images, so earlier packs whose every image a newer pack holds
 are removed as soon as a run has written its own (and whenever the index is loaded); what is
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 import uuid
-import zlib
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import Cache, Entry, read_entry, write_entry
+from pipeline.cache import Cache, Entry, is_real_dir, read_entry, write_entry
+from pipeline.digests import image_digest
 
 __all__ = [
     "Packed",
     "add_pack",
     "drop_superseded",
-    "image_crc",
     "load_index",
     "mark_used",
     "read_packed",
 ]
 
-SCHEMA = "pipeline-pack/1"
+SCHEMA = "pipeline-pack/2"  # /2: CRC-32C, the digest the prepared store records
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +61,6 @@ def _folder(cache: Cache, config: str) -> Path:
     return cache.root / "packs" / config[:16]
 
 
-def image_crc(image: np.ndarray) -> int:
-    """CRC-32 of one image's bytes as a pack holds them."""
-    return zlib.crc32(np.ascontiguousarray(image).data.cast("B"))
-
-
 def load_index(cache: Cache, config: str) -> dict[str, Packed]:
     """Every image the cache holds for decode configuration ``config``, by entry key.
 
@@ -75,28 +71,75 @@ def load_index(cache: Cache, config: str) -> dict[str, Packed]:
         return {}
     folder = _folder(cache, config)
     indices = []
-    for found in folder.glob("*.json") if folder.is_dir() else ():
-        entry = None if found.name.startswith(".") else read_entry(found)
+    for found in _index_files(folder):
+        entry = read_entry(found)
         header = entry.header if entry is not None else {}
         if header.get("schema") == SCHEMA and header.get("config") == config:
-            indices.append((int(header["created_ns"]), str(found), header))
+            rows = _valid_rows(header)
+            if rows is not None:
+                indices.append((header["created_ns"], str(found), header["image_nbytes"], rows))
     indices.sort(key=lambda t: (t[0], t[1]))
     located: dict[str, Packed] = {}
     owner: dict[str, str] = {}
-    for _, path, header in indices:
-        pack, nbytes = str(Path(path).with_suffix(".pack")), int(header["image_nbytes"])
-        for key, row, crc, record in header["entries"]:
+    for _, path, nbytes, rows in indices:
+        pack = str(Path(path).with_suffix(".pack"))
+        for key, row, crc, record in rows:
             located[key] = Packed(
-                pack=pack, offset=int(row) * nbytes, nbytes=nbytes, crc32=int(crc), record=record
+                pack=pack, offset=row * nbytes, nbytes=nbytes, crc32=crc, record=record
             )
             owner[key] = path
     needed = set(owner.values())
-    for _, path, _ in indices:
+    for _, path, _, _ in indices:
         if path not in needed:
             for stale in (Path(path), Path(path).with_suffix(".pack")):  # index first
                 with contextlib.suppress(OSError):
                     stale.unlink()
     return located
+
+
+def _index_files(folder: Path) -> list[Path]:
+    """The index files of a pack folder: regular files only, never through a symlink (a cache
+    someone else wrote must not make us read, or later delete, files outside it)."""
+    if not is_real_dir(folder):
+        return []
+    try:
+        with os.scandir(folder) as it:
+            return sorted(
+                Path(e.path)
+                for e in it
+                if e.name.endswith(".json")
+                and not e.name.startswith(".")
+                and e.is_file(follow_symlinks=False)
+            )
+    except OSError:
+        return []
+
+
+def _valid_rows(header: dict[str, Any]) -> list[tuple[str, int, int, dict[str, Any]]] | None:
+    """The index rows (key, row, CRC-32C, record) when every one is well-formed; else None."""
+    nbytes, created = header.get("image_nbytes"), header.get("created_ns")
+    entries = header.get("entries")
+    if not (
+        type(nbytes) is int and nbytes > 0 and type(created) is int and isinstance(entries, list)
+    ):
+        return None
+    rows = []
+    for item in entries:
+        if not (isinstance(item, list) and len(item) == 4):
+            return None
+        key, row, crc, record = item
+        if not (
+            isinstance(key, str)
+            and type(row) is int
+            and 0 <= row < 2**31
+            and type(crc) is int
+            and 0 <= crc < 2**32
+            and isinstance(record, dict)
+            and isinstance(record.get("sha256"), str)
+        ):
+            return None
+        rows.append((key, row, crc, record))
+    return rows
 
 
 def drop_superseded(located: Mapping[str, Packed], written: Set[str]) -> None:
@@ -126,14 +169,17 @@ def read_packed(where: Packed, out: np.ndarray) -> bool:
     if view.nbytes != where.nbytes:
         return False
     try:
-        fd = os.open(where.pack, os.O_RDONLY)
+        # never through a symlink, never a FIFO or device: the cache is data, not a path to follow
+        fd = os.open(where.pack, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
             got = os.preadv(fd, [view], where.offset)
         finally:
             os.close(fd)
     except OSError:
         return False
-    return got == where.nbytes and zlib.crc32(view) == where.crc32
+    return got == where.nbytes and image_digest(out) == where.crc32
 
 
 def add_pack(
@@ -157,12 +203,19 @@ def add_pack(
     pack = folder / f"{name}.pack"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if not is_real_dir(folder):
+            return False
         if shard_file is None or not _link(shard_file, pack):
             data = np.ascontiguousarray(block)
             tmp = folder / f".{name}.pack.tmp-{uuid.uuid4().hex[:12]}"
-            with open(tmp, "wb") as f:
-                f.write(data.data.cast("B"))
-            os.replace(tmp, pack)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data.data.cast("B"))
+                os.replace(tmp, pack)
+            except OSError:  # a full disk leaves no temporary file behind
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
     except OSError:
         return False
     header = {

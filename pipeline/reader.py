@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from typing import Any
 
 import numpy as np
 import zarr
 
+from pipeline.documents import HEX64, Maybe, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.location import Location, parse_location
 from pipeline.statsfile import load_stats
-from pipeline.store import check_complete, check_splits, read_array
+from pipeline.store import check_complete, check_image_shape, check_splits, read_array, sha256_file
 from pipeline.transform import (
     DATASET_MODES,
     PER_IMAGE_MODES,
@@ -145,14 +145,75 @@ class NormalizedDataset:
         return np.moveaxis(out, -1, -3) if self.channels_first else out
 
 
-def check_lineage(path: Location, attrs: dict[str, Any]) -> None:
+_RANGE = (int, int)
+LINEAGE_ATTRS = {
+    "schema": str,
+    "mode": str,
+    "eps": float,
+    "dtype": OneOf(("float32", "float16")),
+    "input_scale": str,
+    "divisor": float,
+    "constants": {"offset": Maybe([float]), "scale": Maybe([float])},
+    "channel_names": [str],
+    "pixel_max": OneOf((255, 65535)),
+    "classes": [str],
+    "splits": {"train": _RANGE, "val": _RANGE, "test": _RANGE},
+    "stats": {
+        "path": str,
+        "sha256": HEX64,
+        "fit_split": str,
+        "count": int,
+        "mean": [float],
+        "std": [float],
+        "params": dict,
+    },
+    "prepared": {"path": str, "fingerprint": HEX64, "decode": dict, "versions": dict},
+    "params": {"normalize": dict},
+    "versions": dict,
+}
+FIX = "Re-run `dvc repro`, or pass verify=False to open it anyway."
+
+
+def lineage_target(
+    store: Location, attrs: dict[str, Any], key: str, *, allow_outside: bool = False
+) -> Location:
+    """The file or folder that lineage entry ``key`` (``stats`` or ``prepared``) names.
+
+    The recorded path is untrusted input: it must be relative and, unless ``allow_outside``,
+    stay inside the folder that holds the normalized output (``data/`` for
+    ``data/normalized``), so a store from elsewhere cannot make a reader open arbitrary files.
+    """
+    rel = attrs[key]["path"]
+    if not rel or rel.startswith("/") or "://" in rel or "\\" in rel or "\0" in rel:
+        raise StoreError(f"{store}: its lineage path {rel[:80]!r} for {key} is not relative. {FIX}")
+    target = store / rel
+    if not allow_outside:
+        root = _lexical(store.parent.parent)
+        inside = _lexical(target)
+        if inside != root and not inside.startswith(root.rstrip("/") + "/"):
+            raise StoreError(
+                f"{store}: its lineage names {key} at {rel[:80]!r}, outside {store.parent.parent} "
+                f"(the folder holding the store). Open it with allow_outside=True if you trust "
+                f"where it came from. {FIX}"
+            )
+    return target
+
+
+def _lexical(loc: Location) -> str:
+    """An absolute, normalized path string without resolving symlinks."""
+    if loc.local is not None:
+        return os.path.normpath(os.path.abspath(loc.local))
+    return loc.url
+
+
+def check_lineage(path: Location, attrs: dict[str, Any], *, allow_outside: bool = False) -> None:
     """Refuse a store whose recorded stats hash, params, fingerprint or constants do not match."""
-    rel = attrs.get("stats", {}).get("path")
-    stats_json = (path / rel).resolve() if rel else None
-    hint = "Re-run `dvc repro`, or pass verify=False to open it anyway."
-    if stats_json is None or not stats_json.is_file():
+    check_document(attrs, LINEAGE_ATTRS, path, FIX)
+    stats_json = lineage_target(path, attrs, "stats", allow_outside=allow_outside).resolve()
+    hint = FIX
+    if not stats_json.is_file():
         raise StoreError(f"{path}: its stats file {stats_json} is missing. {hint}")
-    digest = hashlib.sha256(stats_json.read_bytes()).hexdigest()
+    digest = sha256_file(stats_json)
     if digest != attrs["stats"]["sha256"]:
         raise StoreError(
             f"{path} was normalized with stats sha256 {attrs['stats']['sha256'][:12]}, but "
@@ -207,7 +268,11 @@ def check_lineage(path: Location, attrs: dict[str, Any]) -> None:
 
 
 def open_normalized(
-    path: str | os.PathLike[str] | Location, *, verify: bool = True, channels_first: bool = False
+    path: str | os.PathLike[str] | Location,
+    *,
+    verify: bool = True,
+    channels_first: bool = False,
+    allow_outside: bool = False,
 ) -> NormalizedDataset:
     """Open a normalized store for training, after checking its lineage.
 
@@ -221,6 +286,9 @@ def open_normalized(
         stats file the store names, and refuse the store when they differ.
     channels_first
         Return images as (C, H, W), as PyTorch models expect, instead of (H, W, C).
+    allow_outside
+        Follow lineage paths that lead outside the folder holding the store (refused by
+        default: a store from elsewhere is untrusted input).
     """
     store = normalized_store_path(path)
     try:
@@ -229,14 +297,24 @@ def open_normalized(
         attrs = dict(zarr.open_group(store.zarr(), mode="r").attrs)
     except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:
         raise StoreError(f"{store} is not a readable normalized store: {exc}") from exc
+    except (TypeError, KeyError, RecursionError, MemoryError) as exc:
+        kind = type(exc).__name__
+        raise StoreError(f"{store} is not a readable normalized store ({kind}). {FIX}") from exc
     if attrs.get("schema") != NORMALIZED_SCHEMA:
         raise StoreError(
-            f"{store} is not a normalized store (schema {attrs.get('schema')!r}); "
+            f"{store} is not a normalized store (schema {str(attrs.get('schema'))[:40]!r}); "
             f"make one with `pipeline normalize`."
         )
+    check_document(attrs, LINEAGE_ATTRS, store, FIX)
     if verify:
-        check_lineage(store, attrs)
-    images = zarr.open_array((store / "images").zarr(), mode="r")
+        check_lineage(store, attrs, allow_outside=allow_outside)
+    try:
+        images = zarr.open_array((store / "images").zarr(), mode="r")
+    except (zarr.errors.BaseZarrError, ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"{store}/images is not a readable array: {exc}. {FIX}") from exc
+    if images.ndim != 4:
+        raise StoreError(f"{store}/images is not a 4-D (sample, y, x, channel) array. {FIX}")
+    check_image_shape(store, images)
     check_complete(images, store / "images")
     n = int(images.shape[0])
     return NormalizedDataset(store, attrs, 0, n, channels_first)

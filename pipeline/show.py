@@ -10,7 +10,7 @@ import zarr
 from PIL import Image
 
 from pipeline.location import Location
-from pipeline.reader import open_normalized
+from pipeline.reader import lineage_target, open_normalized
 
 __all__ = ["show_samples"]
 
@@ -36,7 +36,8 @@ def show_samples(
 ) -> list[Path]:
     """Write one PNG per index: raw | normalized (rescaled) | denormalized."""
     ds = open_normalized(store, verify=False)
-    prepared = zarr.open_array(str(ds.path / ds.lineage["prepared"]["path"] / "images"), mode="r")
+    where = lineage_target(ds.path, ds.lineage, "prepared")
+    prepared = zarr.open_array((where / "images").zarr(), mode="r")
     pixel_max = int(ds.lineage["pixel_max"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

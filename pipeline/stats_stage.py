@@ -17,6 +17,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.cache import Cache, open_cache
+from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
 from pipeline.incremental import Reuse, fit_files, moments_key, reuse_moments, save_moments
 from pipeline.location import Location, parse_location
@@ -53,9 +54,12 @@ def fit_range(splits: dict[str, tuple[int, int]], fit_split: str) -> tuple[int, 
     return splits[fit_split]
 
 
-def _read_moments(images_path: str, start: int, stop: int) -> Moments:
-    """Chunk task: read samples [start, stop) and reduce them to exact moments."""
-    return block_moments(read_samples(images_path, start, stop, reuse_buffer=True))
+def _read_moments(images_path: str, start: int, stop: int, digests: np.ndarray) -> Moments:
+    """Chunk task: read samples [start, stop), check them against the digests ingest recorded
+    (so a fit, which the cache keeps, is always of the pixels ingest wrote), reduce them."""
+    block = read_samples(images_path, start, stop, reuse_buffer=True)
+    check_digests(block, digests, start, images_path)
+    return block_moments(block)
 
 
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -81,13 +85,15 @@ def compute_moments(
     stop: int,
     params: Params,
     *,
+    digests: np.ndarray,
     block_images: int,
     progress: bool = False,
 ) -> Moments:
-    """Exact moments of samples [start, stop) with one Dask pass."""
+    """Exact moments of samples [start, stop) with one Dask pass; ``digests`` holds the
+    recorded CRC-32C of every sample of the store."""
     images_path = parse_location(images_path).resolve()
     chunks = [
-        dask.delayed(_read_moments, pure=True)(images_path.zarr(), a, b)
+        dask.delayed(_read_moments, pure=True)(images_path.zarr(), a, b, digests[a:b])
         for a, b in _blocks(start, stop, block_images)
     ]
     (result,) = run_tasks(
@@ -194,7 +200,13 @@ def run_stats(
     else:
         block = params.stats.block_images or (store.images.shards or store.images.chunks)[0]
         moments = compute_moments(
-            prepared / "images", start, stop, params, block_images=block, progress=progress
+            prepared / "images",
+            start,
+            stop,
+            params,
+            digests=store.digests,
+            block_images=block,
+            progress=progress,
         )
     if files:
         save_moments(cache, moments_key(store), files, moments)

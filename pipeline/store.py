@@ -22,8 +22,11 @@ import zarr.codecs
 import zarr.errors
 from zarr.core.buffer import default_buffer_prototype
 
+from pipeline.digests import digests_sha256
+from pipeline.documents import HEX64, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.location import Location, parse_location
+from pipeline.shardindex import read_shard_index
 
 __all__ = [
     "IMAGE_DIMS",
@@ -44,7 +47,7 @@ __all__ = [
     "write_small_array",
 ]
 
-PREPARED_SCHEMA = "pipeline.prepared/1"
+PREPARED_SCHEMA = "pipeline.prepared/2"  # /2: per-image crc32c digests
 IMAGE_DIMS = ("sample", "y", "x", "channel")
 # zarr's default (False) checks every chunk for emptiness and halved write speed here.
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
@@ -142,10 +145,12 @@ def create_images_array(
 
 
 def check_complete(array: zarr.Array, array_dir: Path | Location) -> None:
-    """Raise StoreError if any shard file of ``array`` is missing or empty.
+    """Raise StoreError if any shard file of ``array`` is missing, empty, truncated or damaged.
 
     Zarr reads a missing (or zero-byte) shard as fill values: a store damaged that way would
-    otherwise pass as black images. Our writers always write every shard.
+    otherwise pass as black images. Our writers always write every shard. For local stores each
+    shard's index is read and checked too (one small read per shard), so a truncated shard is
+    found even by a stage that takes its result from the cache instead of reading the pixels.
     """
     shard = array.shards or array.chunks
     grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, shard, strict=True)]
@@ -167,11 +172,21 @@ def check_complete(array: zarr.Array, array_dir: Path | Location) -> None:
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Re-run the stage that "
             f"wrote it (dvc repro), or `dvc checkout` it."
         )
+    if isinstance(array_dir, Path) and array.shards is not None:
+        chunks = math.prod(s // c for s, c in zip(array.shards, array.chunks, strict=True))
+        for key in keys:
+            try:
+                read_shard_index(array_dir / key, chunks)
+            except StoreError as exc:
+                raise StoreError(
+                    f"{exc} Re-run the stage that wrote it (dvc repro), or `dvc checkout` it."
+                ) from exc
 
 
-def prepared_fingerprint(manifest_sha256: str, decode: Any) -> str:
-    """sha256 identifying prepared data: its manifest and the params that changed pixels."""
-    doc = {"manifest_sha256": manifest_sha256, "decode": decode}
+def prepared_fingerprint(manifest_sha256: str, decode: Any, digests: np.ndarray) -> str:
+    """sha256 identifying prepared data: its manifest, the params that changed pixels and the
+    digest of every stored image (so an edit of the pixels' digests changes it too)."""
+    doc = {"manifest_sha256": manifest_sha256, "decode": decode, "pixels": digests_sha256(digests)}
     return hashlib.sha256(dumps_json(doc).encode()).hexdigest()
 
 
@@ -275,13 +290,33 @@ def read_array(group: zarr.Group, name: str) -> np.ndarray:
     return np.asarray(node[...])
 
 
+SPLIT_RANGE = (int, int)
+PREPARED_ATTRS = {
+    "schema": str,
+    "classes": [str],
+    "splits": {"train": SPLIT_RANGE, "val": SPLIT_RANGE, "test": SPLIT_RANGE},
+    "fingerprint": HEX64,
+    "manifest_sha256": HEX64,
+    "pixel_max": OneOf((255, 65535)),
+    "channels": int,
+    "decode": dict,
+    "decode_config": HEX64,
+    "versions": dict,
+}
+# Bounds on what a store from elsewhere may claim, so absurd shapes are one clear error
+# instead of a MemoryError: our params allow at most these (pipeline/params.py).
+MAX_SIDE = 65535
+MAX_IMAGES = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class PreparedStore:
-    """An opened prepared store: the image array and its per-sample metadata."""
+    """An opened prepared store: the image array, its per-sample metadata and pixel digests."""
 
     path: Location
     images: zarr.Array
     attrs: Mapping[str, Any]
+    digests: np.ndarray  # (N,) uint32: CRC-32C of each stored image (pipeline.digests)
 
     @property
     def splits(self) -> dict[str, tuple[int, int]]:
@@ -295,7 +330,7 @@ class PreparedStore:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 identifying the prepared data (manifest plus decode params)."""
+        """sha256 identifying the prepared data (manifest, decode params, pixel digests)."""
         return str(self.attrs["fingerprint"])
 
     def labels(self) -> np.ndarray:
@@ -307,40 +342,69 @@ class PreparedStore:
         return [str(p) for p in np.asarray(zarr.open_array(str(self.path / "path"), mode="r")[:])]
 
 
+def check_image_shape(path: object, images: zarr.Array) -> None:
+    """Raise StoreError for an images array no stage of ours would write."""
+    n, h, w, c = images.shape
+    if not (0 < n <= MAX_IMAGES and 0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and c in (1, 3)):
+        raise StoreError(
+            f"{path}/images has shape {images.shape}: not a (sample, y, x, channel) image array "
+            f"with 1 or 3 channels and sides of at most {MAX_SIDE}. Re-run the stage that wrote it."
+        )
+    chunk = math.prod(images.chunks) * images.dtype.itemsize
+    if chunk > 2**31:
+        raise StoreError(f"{path}/images has chunks of {chunk} bytes; at most 2 GiB are read.")
+
+
 def open_prepared(path: str | os.PathLike[str] | Location) -> PreparedStore:
     """Open ``path`` (a local path or URL) as a prepared store, or raise StoreError."""
     path = parse_location(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a Zarr store (no zarr.json). Run `pipeline ingest` first.")
+    fix = "Re-run `pipeline ingest` (dvc repro), or `dvc checkout` it."
     try:
         group = zarr.open_group(path.zarr(), mode="r")
         attrs = dict(group.attrs)
         if attrs.get("schema") != PREPARED_SCHEMA:
             raise StoreError(
-                f"{path} is not a prepared store (schema {attrs.get('schema')!r}, expected "
-                f"{PREPARED_SCHEMA!r}). Run `pipeline ingest` to make one."
+                f"{path} is not a prepared store of this version (schema "
+                f"{str(attrs.get('schema'))[:40]!r}, expected {PREPARED_SCHEMA!r}). Run "
+                f"`pipeline ingest` to make one."
             )
+        check_document(attrs, PREPARED_ATTRS, path, fix)
         images = group["images"]
-    except (KeyError, zarr.errors.BaseZarrError, json.JSONDecodeError, ValueError) as exc:
+        if not isinstance(images, zarr.Array) or images.ndim != 4:
+            raise StoreError(f"{path}/images is not a 4-D (sample, y, x, channel) array. {fix}")
+        check_image_shape(path, images)
+        digests = read_array(group, "crc32c")
+    except StoreError:
+        raise
+    except (KeyError, TypeError, AttributeError, RecursionError, MemoryError) as exc:
+        kind = type(exc).__name__
+        raise StoreError(f"{path} is not a readable prepared store ({kind}). {fix}") from exc
+    except (zarr.errors.BaseZarrError, json.JSONDecodeError, ValueError) as exc:
         raise StoreError(f"{path} is not a readable prepared store: {exc}") from exc
-    if not isinstance(images, zarr.Array) or images.ndim != 4:
-        raise StoreError(f"{path}/images is not a 4-D (sample, y, x, channel) array.")
     pixel_max = {"uint8": 255, "uint16": 65535}.get(str(images.dtype))
     if pixel_max is None or attrs.get("pixel_max") != pixel_max:
         raise StoreError(
             f"{path}/images holds {images.dtype} with pixel_max {attrs.get('pixel_max')!r}; a "
             f"prepared store holds uint8 (255) or uint16 (65535). Re-run `pipeline ingest`."
         )
+    if digests.dtype != np.uint32 or digests.shape != images.shape[:1]:
+        raise StoreError(f"{path}/crc32c does not hold one uint32 digest per image. {fix}")
     check_complete(images, path / "images")
     check_splits(path, group, attrs.get("splits"))
+    if (
+        prepared_fingerprint(str(attrs["manifest_sha256"]), attrs["decode"], digests)
+        != attrs["fingerprint"]
+    ):
+        raise StoreError(
+            f"{path}: its fingerprint does not match its manifest digest, decode params and "
+            f"pixel digests; the store was edited. {fix}"
+        )
     manifest = path.parent / "manifest.jsonl"
-    if manifest.is_file():  # beside the store in a prepared folder: the fingerprint must hold
-        digest = sha256_file(manifest)
-        if digest != attrs.get("manifest_sha256") or prepared_fingerprint(
-            digest, attrs.get("decode")
-        ) != attrs.get("fingerprint"):
-            raise StoreError(
-                f"{path}: its fingerprint does not match {manifest} and its decode params; the "
-                f"store or manifest was edited. Re-run `pipeline ingest` (dvc repro)."
-            )
-    return PreparedStore(path=path, images=images, attrs=attrs)
+    if manifest.is_file() and sha256_file(manifest) != attrs["manifest_sha256"]:
+        # beside the store in a prepared folder: it must be the manifest the store names
+        raise StoreError(
+            f"{path}: {manifest} is not the manifest the store was written with. {fix}"
+        )
+    return PreparedStore(path=path, images=images, attrs=attrs, digests=digests)

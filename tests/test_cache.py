@@ -156,8 +156,14 @@ def test_cache_key_is_stable_and_order_free() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("10GB", 10**10), ("512MiB", 512 * 2**20), ("1000", 1000), ("1.5 gb", 1_500_000_000),
-     ("0", 0), ("20kb", 20_000)],
+    [
+        ("10GB", 10**10),
+        ("512MiB", 512 * 2**20),
+        ("1000", 1000),
+        ("1.5 gb", 1_500_000_000),
+        ("0", 0),
+        ("20kb", 20_000),
+    ],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -169,9 +175,7 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
 
 
-def test_open_cache_reads_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_open_cache_reads_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "here"))
     monkeypatch.setenv("PIPELINE_CACHE_LIMIT", "2GB")
     cache = open_cache()

@@ -50,27 +50,40 @@ def test_verify_passes_then_catches_a_changed_value(built: Path, tmp_path: Path)
     result = runner.invoke(app, ["verify", str(built / "normalized")])
     assert result.exit_code == 0, result.output
     assert "samples match" in result.output
-    copy = tmp_path / "normalized"
     import shutil
 
+    copy = built / f"normalized-{tmp_path.name}"  # beside the original: same lineage paths
     shutil.copytree(built / "normalized", copy)
     images = zarr.open_array(copy / "images.zarr" / "images", mode="r+")
     block = np.asarray(images[4:8])
     block[1, 0, 0, 0] += 0.5
     images[4:8] = block
-    # the copy sits one folder deeper than the stats it names: point its lineage at them
-    group = zarr.open_group(copy / "images.zarr", mode="r+")
-    lineage = dict(group.attrs)
-    stats_rel = Path("..") / ".." / ".." / built.name / "stats" / "stats.json"
-    assert (copy / "images.zarr" / stats_rel).resolve() == (built / "stats" / "stats.json")
-    prep_rel = Path("..") / ".." / ".." / built.name / "prepared" / "images.zarr"
-    lineage["stats"] = {**lineage["stats"], "path": stats_rel.as_posix()}
-    lineage["prepared"] = {**lineage["prepared"], "path": prep_rel.as_posix()}
-    group.attrs.update(lineage)
     result = runner.invoke(app, ["verify", str(copy)])
     assert result.exit_code == 1
     assert "1 sample(s) differ: 5" in result.output
 
+
+def test_verify_refuses_lineage_paths_that_leave_the_store_folder(
+    built: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "normalized"  # one folder deeper than the stats it names
+    shutil.copytree(built / "normalized", copy)
+    group = zarr.open_group(copy / "images.zarr", mode="r+")
+    lineage = dict(group.attrs)
+    stats_rel = Path("..") / ".." / ".." / built.name / "stats" / "stats.json"
+    assert (copy / "images.zarr" / stats_rel).resolve() == (built / "stats" / "stats.json")
+    lineage["stats"] = {**lineage["stats"], "path": stats_rel.as_posix()}
+    group.attrs.update(lineage)
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1
+    assert "outside" in result.output
+    for absolute in ("/etc/passwd", "file:///etc/passwd"):
+        group.attrs.update({**lineage, "stats": {**lineage["stats"], "path": absolute}})
+        result = runner.invoke(app, ["verify", str(copy)])
+        assert result.exit_code == 1
+        assert "not relative" in result.output
 
 def test_show_writes_side_by_side_pictures(built: Path, tmp_path: Path) -> None:
     result = runner.invoke(
@@ -114,8 +127,9 @@ def test_export_refuses_per_pixel_where_it_cannot_be_expressed(built: Path) -> N
     )
     assert result.exit_code == 1
     assert "cannot be expressed" in result.output
-    result = runner.invoke(app, ["export", str(built / "stats"), "--format", "json",
-                                 "--mode", "per_pixel"])
+    result = runner.invoke(
+        app, ["export", str(built / "stats"), "--format", "json", "--mode", "per_pixel"]
+    )
     assert result.exit_code == 0
     assert np.asarray(json.loads(result.output)["mean_image"]).shape == (24, 20, 3)
 
@@ -145,8 +159,9 @@ def test_python_dash_m_runs_the_same_app() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0
     for command in ("sample", "ingest", "stats", "normalize", "verify", "show", "export"):
         assert command in proc.stdout

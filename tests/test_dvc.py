@@ -97,9 +97,7 @@ def test_metrics_and_experiment_with_another_mode(repo: tuple[Path, dict[str, st
 def test_a_grown_image_folder_reuses_the_cache_and_matches_a_rebuild(tmp_path: Path) -> None:
     """The user's path: `dvc add` a folder, repro, add files, repro again (cache used), then a
     forced rebuild without the cache reproduces dvc.lock byte for byte."""
-    made = make_dvc_repo(
-        tmp_path, {"ingest": {"source": "data/images", "image_size": [24, 24]}}
-    )
+    made = make_dvc_repo(tmp_path, {"ingest": {"source": "data/images", "image_size": [24, 24]}})
     work = made.work
     # The default place: ~/.cache/pipeline under the isolated HOME.
     env = {k: v for k, v in made.env.items() if k not in ("PIPELINE_CACHE_DIR", "XDG_CACHE_HOME")}

@@ -176,7 +176,7 @@ def test_on_error_skip_records_reasons_and_keeps_the_rest(folder: Path, tmp_path
     assert "empty" in rejected[0]["reason"]
     assert result.count == 42
     group = zarr.open_group(out / "images.zarr", mode="r")
-    assert sorted(group) == ["images", "label", "path", "split"]
+    assert sorted(group) == ["crc32c", "images", "label", "path", "split"]
     for i, rel in enumerate(group["path"][:]):
         np.testing.assert_array_equal(group["images"][i], oracle(folder / rel), err_msg=rel)
     # the same store as ingesting only the good files

@@ -69,7 +69,8 @@ def normalize(
 def stores(rgb8: Fitted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One float32, pixel-scale store per mode (read-only for the tests that use it)."""
     root = tmp_path_factory.mktemp("stores")
-    return {m: normalize(rgb8, root / m / "normalized", m) for m in MODES}
+    del root  # beside the prepared and stats folders: lineage paths stay inside their parent
+    return {m: normalize(rgb8, rgb8.prepared.parent / f"stores-{m}", m) for m in MODES}
 
 
 # --- the oracle --------------------------------------------------------------------------------
@@ -334,7 +335,9 @@ def test_byte_identical_across_schedulers_and_runs(rgb8: Fitted, tmp_path: Path)
 def damage_last_shard(prepared: Path) -> None:
     folder = prepared / "images.zarr" / "images" / "c"
     last = sorted(p for p in folder.rglob("*") if p.is_file())[-1]
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    data = bytearray(last.read_bytes())
+    data[7] ^= 0xFF  # a pixel of sample 28, changed in place: the shard index still checks out
+    last.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("failure", ["fingerprint", "stats-schema", "damaged-shard"])
@@ -359,7 +362,7 @@ def test_failed_run_leaves_previous_output_unchanged(
         prepared = tmp_path / "prepared"
         shutil.copytree(rgb8.prepared, prepared)
         damage_last_shard(prepared)
-        expect = (StoreError, "cannot read samples 28..29")
+        expect = (StoreError, r"sample\(s\) 28 do not match the digests ingest recorded")
     with pytest.raises(expect[0], match=expect[1]):
         normalize(rgb8, out, "per_pixel", "float16", stats=stats, prepared=prepared)
     assert tree(out) == before
@@ -370,9 +373,7 @@ def test_failed_run_leaves_previous_output_unchanged(
 def test_float16_store_has_half_the_bytes(rgb8: Fitted, tmp_path: Path) -> None:
     s32 = normalize(rgb8, tmp_path / "f32" / "normalized", "per_channel", "float32")
     s16 = normalize(rgb8, tmp_path / "f16" / "normalized", "per_channel", "float16")
-    t32, t16 = (
-        {k: len(v) for k, v in tree(s / "images" / "c").items()} for s in (s32, s16)
-    )
+    t32, t16 = ({k: len(v) for k, v in tree(s / "images" / "c").items()} for s in (s32, s16))
     assert t32.keys() == t16.keys()
     assert len(t32) == -(-len(rgb8.images) // SHARD)
     # no codec: a shard is its chunks' raw bytes plus an index of 16 bytes per chunk + crc32c

@@ -54,8 +54,9 @@ ZERO_STD = ("one", "eps")
     [
         pytest.param({}, id="empty-mapping"),
         pytest.param(None, id="none"),
-        pytest.param({"base": None, "sample": None, "ingest": None, "stats": None},
-                     id="null-sections"),
+        pytest.param(
+            {"base": None, "sample": None, "ingest": None, "stats": None}, id="null-sections"
+        ),
         pytest.param({"base": {}, "sample": {}, "ingest": {}, "stats": {}}, id="empty-sections"),
     ],
 )
@@ -66,14 +67,24 @@ def test_defaults(raw: object) -> None:
     assert p.sample == SampleParams(seed=0, images_per_class=50)
     i = p.ingest
     assert (i.source, i.image_size, i.resize, i.resample) == (
-        "data/sample", (224, 224), "shorter_side_center_crop", "bilinear"
+        "data/sample",
+        (224, 224),
+        "shorter_side_center_crop",
+        "bilinear",
     )
     assert (i.pad_value, i.color, i.alpha, i.background, i.bit_depth) == (
-        (0, 0, 0), "rgb", "composite", (255, 255, 255), 8
+        (0, 0, 0),
+        "rgb",
+        "composite",
+        (255, 255, 255),
+        8,
     )
     assert i.split == SplitParams(method="hash", val=0.1, test=0.1)
     assert (i.on_error, i.max_pixels, i.chunk_images, i.shard_images) == (
-        "fail", 89_478_485, 16, 256
+        "fail",
+        89_478_485,
+        16,
+        256,
     )
     assert (i.codec, i.codec_level) == ("none", 1)
 
@@ -194,8 +205,14 @@ def test_everything_changed_at_once_round_trips_through_a_file(tmp_path: Path) -
 
 
 def test_decode_dict_holds_only_what_changes_pixels() -> None:
-    storage = {"source": "elsewhere", "chunk_images": 4, "shard_images": 8, "codec": "zstd",
-               "codec_level": 3, "on_error": "skip"}
+    storage = {
+        "source": "elsewhere",
+        "chunk_images": 4,
+        "shard_images": 8,
+        "codec": "zstd",
+        "codec_level": 3,
+        "on_error": "skip",
+    }
     base = parse_params({}).ingest.decode_dict()
     assert parse_params({"ingest": storage}).ingest.decode_dict() == base
     assert not set(storage) & set(base)
@@ -249,7 +266,10 @@ BAD_VALUES: list[Any] = [
     ("ingest", {"bit_depth": "8"}, "ingest.bit_depth", BIT_DEPTHS),
     ("ingest", {"bit_depth": True}, "ingest.bit_depth", BIT_DEPTHS),
     pytest.param(
-        "ingest", {"bit_depth": 16.0}, "ingest.bit_depth", BIT_DEPTHS,
+        "ingest",
+        {"bit_depth": 16.0},
+        "ingest.bit_depth",
+        BIT_DEPTHS,
         id="ingest-bit_depth=16.0",
     ),
     ("ingest", {"split": "hash"}, "ingest.split", None),
@@ -359,7 +379,6 @@ def test_top_level_not_a_mapping(raw: object) -> None:
 # --- unknown keys and sections ---------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize(
     ("raw", "names"),
     [
@@ -367,20 +386,23 @@ def test_top_level_not_a_mapping(raw: object) -> None:
         pytest.param({"ingets": {}, "statz": {}}, ["'ingets'", "'statz'"], id="two-sections"),
         pytest.param({"base": {"worker": 2}}, ["'worker'", "'base'", "workers"], id="base-key"),
         pytest.param({"sample": {"sed": 1}}, ["'sed'", "'sample'"], id="sample-key"),
-        pytest.param({"ingest": {"sise": 1}}, ["'sise'", "'ingest'", "image_size"],
-                     id="ingest-key"),
-        pytest.param({"ingest": {"a1": 1, "b2": 2}}, ["'a1'", "'b2'", "'ingest'"],
-                     id="ingest-two-keys"),
-        pytest.param({"ingest": {"split": {"vla": 0.1}}}, ["'vla'", "'ingest.split'"],
-                     id="split-key"),
-        pytest.param({"stats": {"percentile": [1]}}, ["'percentile'", "'stats'"],
-                     id="stats-key"),
-        pytest.param({"ingest": {"size": [64, 64]}}, ["ingest.size", "ingest.image_size"],
-                     id="renamed-ingest-size"),
-        pytest.param({"ingest": {"sise": 1, 224: 2}}, ["'sise'", "224"],
-                     id="str-and-int-keys"),
-        pytest.param({"bse": {}, 2: {}}, ["'bse'", "2"],
-                     id="str-and-int-sections"),
+        pytest.param(
+            {"ingest": {"sise": 1}}, ["'sise'", "'ingest'", "image_size"], id="ingest-key"
+        ),
+        pytest.param(
+            {"ingest": {"a1": 1, "b2": 2}}, ["'a1'", "'b2'", "'ingest'"], id="ingest-two-keys"
+        ),
+        pytest.param(
+            {"ingest": {"split": {"vla": 0.1}}}, ["'vla'", "'ingest.split'"], id="split-key"
+        ),
+        pytest.param({"stats": {"percentile": [1]}}, ["'percentile'", "'stats'"], id="stats-key"),
+        pytest.param(
+            {"ingest": {"size": [64, 64]}},
+            ["ingest.size", "ingest.image_size"],
+            id="renamed-ingest-size",
+        ),
+        pytest.param({"ingest": {"sise": 1, 224: 2}}, ["'sise'", "224"], id="str-and-int-keys"),
+        pytest.param({"bse": {}, 2: {}}, ["'bse'", "2"], id="str-and-int-sections"),
     ],
 )
 def test_unknown_names_are_errors_naming_them(raw: dict[Any, Any], names: list[str]) -> None:

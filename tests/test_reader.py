@@ -50,9 +50,7 @@ Make = Callable[..., Path]
 
 
 @pytest.fixture(scope="module")
-def make(
-    rgb8: Fitted, gray16: Fitted, tmp_path_factory: pytest.TempPathFactory
-) -> Make:
+def make(rgb8: Fitted, gray16: Fitted, tmp_path_factory: pytest.TempPathFactory) -> Make:
     """Normalized folders, made once per (data, mode, dtype, input_scale) and never modified."""
     root = tmp_path_factory.mktemp("normalized")
     made: dict[tuple[str, str, str, str], Path] = {}
@@ -61,7 +59,10 @@ def make(
         key = (data, mode, dtype, scale)
         if key not in made:
             fx = rgb8 if data == "rgb8" else gray16
-            made[key] = normalize(fx, root / "-".join(key) / "normalized", mode, dtype, scale)
+            # beside the prepared and stats folders: lineage paths stay inside the parent folder
+            made[key] = normalize(
+                fx, fx.prepared.parent / ("norm-" + "-".join(key)), mode, dtype, scale
+            )
         return made[key]
 
     return get
@@ -307,7 +308,6 @@ def _edit(attrs: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value(node[last]) if callable(value) else value
 
 
-
 EDITS = [
     pytest.param("constants.offset", lambda v: [x + 1 for x in v], id="constants-offset"),
     pytest.param("constants.scale", lambda v: [x * 2 for x in v], id="constants-scale"),
@@ -315,28 +315,12 @@ EDITS = [
     pytest.param("stats.sha256", "0" * 64, id="stats-sha256"),
     pytest.param("prepared.fingerprint", "f" * 64, id="prepared-fingerprint"),
     pytest.param("mode", "mean_only", id="mode"),
-    pytest.param(
-        "mode",
-        "per_image",
-        id="mode-per-image"
-    ),
+    pytest.param("mode", "per_image", id="mode-per-image"),
     pytest.param("input_scale", "unit", id="input-scale"),
     pytest.param("dtype", "float16", id="dtype"),
-    pytest.param(
-        "divisor",
-        255.0,
-        id="divisor"
-    ),
-    pytest.param(
-        "pixel_max",
-        65535,
-        id="pixel-max"
-    ),
-    pytest.param(
-        "stats.mean",
-        lambda v: [x + 1 for x in v],
-        id="stats-mean"
-    ),
+    pytest.param("divisor", 255.0, id="divisor"),
+    pytest.param("pixel_max", 65535, id="pixel-max"),
+    pytest.param("stats.mean", lambda v: [x + 1 for x in v], id="stats-mean"),
 ]
 
 
@@ -376,9 +360,7 @@ def test_prepared_store_is_not_a_normalized_store(rgb8: Fitted, tmp_path: Path) 
 @pytest.mark.parametrize(
     ("workers", "channels_first"), [(0, False), (0, True), (2, False), (2, True)]
 )
-def test_torch_dataloader(
-    rgb8: Fitted, make: Make, workers: int, channels_first: bool
-) -> None:
+def test_torch_dataloader(rgb8: Fitted, make: Make, workers: int, channels_first: bool) -> None:
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 

@@ -48,10 +48,12 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_stage_at_scale(folder: Path, tmp_path: Path) -> None:
-    params = parse_params({
-        "ingest": {"image_size": None, "chunk_images": 16, "shard_images": 64},
-        "base": {"scheduler": "processes", "workers": 2},
-    })
+    params = parse_params(
+        {
+            "ingest": {"image_size": None, "chunk_images": 16, "shard_images": 64},
+            "base": {"scheduler": "processes", "workers": 2},
+        }
+    )
     run_ingest(folder, tmp_path / "prepared", params)
     group = zarr.open_group(tmp_path / "prepared" / "images.zarr", mode="r")
     images = np.asarray(group["images"][...])

@@ -21,11 +21,25 @@ def files(root: Path) -> dict[str, str]:
     }
 
 
-def make(path: Path, n: int, hw: tuple[int, int, int], dtype: str, chunk: int, shard: int,
-         codec: str = "none") -> zarr.Array:
+def make(
+    path: Path,
+    n: int,
+    hw: tuple[int, int, int],
+    dtype: str,
+    chunk: int,
+    shard: int,
+    codec: str = "none",
+) -> zarr.Array:
     group = zarr.open_group(path, mode="w")
-    return create_images_array(group, "images", shape=(n, *hw), dtype=dtype, chunk_images=chunk,
-                               shard_images=shard, codec=codec)
+    return create_images_array(
+        group,
+        "images",
+        shape=(n, *hw),
+        dtype=dtype,
+        chunk_images=chunk,
+        shard_images=shard,
+        codec=codec,
+    )
 
 
 CASES = {

@@ -143,8 +143,11 @@ def check_histogram(hist: np.ndarray, x: np.ndarray) -> None:
 def assert_moments_equal(a: Moments, b: Moments, *, same_order: bool = True) -> None:
     """Exact equality of the integer partials (dtypes may differ: int64 vs Python ints)."""
     assert (a.n_images, a.pixel_max) == (b.n_images, b.pixel_max)
-    for left, right in [(a.pixel_sum, b.pixel_sum), (a.pixel_sumsq, b.pixel_sumsq),
-                        (a.histogram, b.histogram)]:
+    for left, right in [
+        (a.pixel_sum, b.pixel_sum),
+        (a.pixel_sumsq, b.pixel_sumsq),
+        (a.histogram, b.histogram),
+    ]:
         assert left.shape == right.shape
         assert [int(v) for v in left.reshape(-1)] == [int(v) for v in right.reshape(-1)]
     if same_order:
@@ -320,9 +323,7 @@ def test_kernel_matches_oracles_and_numpy_path(
 kernel_blocks = st.builds(
     make_images,
     seed=st.integers(0, 2**32 - 1),
-    shape=st.tuples(
-        st.integers(0, 40), st.integers(1, 13), st.integers(1, 13), st.integers(1, 5)
-    ),
+    shape=st.tuples(st.integers(0, 40), st.integers(1, 13), st.integers(1, 13), st.integers(1, 5)),
     dtype=st.sampled_from([np.uint8, np.uint16]),
     style=st.sampled_from(["full", "low", "high", "const", "extremes"]),
 )
@@ -360,8 +361,11 @@ def test_kernel_wide_per_image_counts_agree() -> None:
 
 def test_kernel_from_threads_gives_the_same_moments() -> None:
     """The kernel releases the GIL: blocks reduced concurrently match one-by-one results."""
-    blocks = [make_images(k, (20, 16, 16, 3), dtype, "full")
-              for k in range(4) for dtype in (np.uint8, np.uint16)]
+    blocks = [
+        make_images(k, (20, 16, 16, 3), dtype, "full")
+        for k in range(4)
+        for dtype in (np.uint8, np.uint16)
+    ]
     alone = [block_moments(b) for b in blocks]
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(block_moments, blocks * 2))
@@ -371,8 +375,11 @@ def test_kernel_from_threads_gives_the_same_moments() -> None:
 
 def test_kernel_in_spawned_worker_processes() -> None:
     """Worker processes of the processes scheduler (spawned) load and run the kernel."""
-    blocks = [make_images(k, (18, 7, 9, 3), dtype, "full")
-              for k in range(2) for dtype in (np.uint8, np.uint16)]
+    blocks = [
+        make_images(k, (18, 7, 9, 3), dtype, "full")
+        for k in range(2)
+        for dtype in (np.uint8, np.uint16)
+    ]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=context) as pool:
         got = list(pool.map(stats_kernel.moment_sums, blocks))
@@ -425,11 +432,25 @@ def test_histogram_u8_matches_bincount(seed: int, shape: tuple[int, ...]) -> Non
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1, 1, 1), (1, 1, 1, 3), (1, 1, 3, 1), (3, 1, 1, 3), (1, 3, 3, 1), (1, 1, 5, 3),
-     (2, 2, 2, 3), (1, 1, 2, 1), (7, 3, 3, 3), (1, 1, 11, 1), (1, 1, 13, 1), (1, 2, 2, 3),
-     (1, 1, 1, 4), (1, 1, 4, 4)],
-    ids=lambda s: f"{'x'.join(map(str, s))}-rem{math.prod(s) % (2 * s[-1])}-"
-    f"{math.prod(s[1:]) % 12}",
+    [
+        (1, 1, 1, 1),
+        (1, 1, 1, 3),
+        (1, 1, 3, 1),
+        (3, 1, 1, 3),
+        (1, 3, 3, 1),
+        (1, 1, 5, 3),
+        (2, 2, 2, 3),
+        (1, 1, 2, 1),
+        (7, 3, 3, 3),
+        (1, 1, 11, 1),
+        (1, 1, 13, 1),
+        (1, 2, 2, 3),
+        (1, 1, 1, 4),
+        (1, 1, 4, 4),
+    ],
+    ids=lambda s: (
+        f"{'x'.join(map(str, s))}-rem{math.prod(s) % (2 * s[-1])}-{math.prod(s[1:]) % 12}"
+    ),
 )
 def test_histogram_u8_remainders(shape: tuple[int, ...]) -> None:
     """Element counts that are and are not multiples of 2*C (the numpy pair period) and of

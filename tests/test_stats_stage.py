@@ -37,15 +37,23 @@ DEFAULT_PERCENTILES = (1.0, 5.0, 50.0, 95.0, 99.0)
 
 
 def make_params(
-    *, stats: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
+    *,
+    stats: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
     split: dict[str, Any] | None = None,
 ) -> Params:
-    return parse_params({
-        "base": base or {"scheduler": "synchronous"},
-        "ingest": {"image_size": None, "chunk_images": 2, "shard_images": 4,
-                   "split": split or SPLIT},
-        "stats": stats or {},
-    })
+    return parse_params(
+        {
+            "base": base or {"scheduler": "synchronous"},
+            "ingest": {
+                "image_size": None,
+                "chunk_images": 2,
+                "shard_images": 4,
+                "split": split or SPLIT,
+            },
+            "stats": stats or {},
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,8 @@ def digests(out_dir: Path) -> dict[str, str]:
     """sha256 of every file under the output folder, by relative path (hidden leftovers too)."""
     return {
         p.relative_to(out_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out_dir.rglob("*")) if p.is_file()
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -162,8 +171,11 @@ def check_against_oracle(out_dir: Path, prepared: Prepared, split: str) -> None:
     assert doc["fingerprint"] == group_attrs["fingerprint"]
     assert doc["pixel_max"] == 255
     assert doc["channel_names"] == list(NAMES)
-    assert doc["count"] == {"images": n, "pixels_per_channel": n * HEIGHT * WIDTH,
-                            "prepared_images": len(prepared.manifest)}
+    assert doc["count"] == {
+        "images": n,
+        "pixels_per_channel": n * HEIGHT * WIDTH,
+        "prepared_images": len(prepared.manifest),
+    }
     for c, name in enumerate(NAMES):
         ch = doc["channels"][name]
         count, total, _ = exact(x[..., c])
@@ -254,10 +266,11 @@ CONFIGS = {
     "every8": ({"block_images": 1, "split_every": 8}, None),
     "synchronous": ({"block_images": 3}, {"scheduler": "synchronous"}),
     "threads-1": ({"block_images": 3}, {"scheduler": "threads", "workers": 1}),
-    "threads-2": ({"block_images": 3, "split_every": 2},
-                  {"scheduler": "threads", "workers": 2}),
-    "processes-2": ({"block_images": 3, "split_every": 3},
-                    {"scheduler": "processes", "workers": 2}),
+    "threads-2": ({"block_images": 3, "split_every": 2}, {"scheduler": "threads", "workers": 2}),
+    "processes-2": (
+        {"block_images": 3, "split_every": 3},
+        {"scheduler": "processes", "workers": 2},
+    ),
 }
 
 
@@ -284,8 +297,7 @@ def test_non_train_fit_needs_the_override(split: str) -> None:
 @pytest.mark.parametrize("split", ["val", "test", "all"])
 def test_non_train_fit_with_override(split: str, store: Prepared, tmp_path: Path) -> None:
     out = tmp_path / "stats"
-    run_stats(store.path, out, make_params(stats={"fit_split": split,
-                                                   "allow_non_train_fit": True}))
+    run_stats(store.path, out, make_params(stats={"fit_split": split, "allow_non_train_fit": True}))
     check_against_oracle(out, store, split)
     doc = read_doc(out)
     assert doc["non_train_fit"] is True
@@ -424,16 +436,22 @@ def _tampered(reference: Path, tmp: Path, how: str) -> Path:
 
 @pytest.mark.parametrize(
     "how",
-    ["modified-array-file", "deleted-array-file", "added-file", "arrays-removed",
-     "arrays-from-another-run"],
+    [
+        "modified-array-file",
+        "deleted-array-file",
+        "added-file",
+        "arrays-removed",
+        "arrays-from-another-run",
+    ],
 )
 def test_load_stats_refuses_mismatched_arrays(
     how: str, store: Prepared, reference: Path, tmp_path: Path
 ) -> None:
     other = reference.parent / "other"
     if how == "arrays-from-another-run" and not other.exists():
-        run_stats(store.path, other, make_params(
-            stats={"fit_split": "val", "allow_non_train_fit": True}))
+        run_stats(
+            store.path, other, make_params(stats={"fit_split": "val", "allow_non_train_fit": True})
+        )
     out = _tampered(reference, tmp_path, how)
     with pytest.raises(StoreError, match="does not match"):
         load_stats(out)
@@ -442,18 +460,25 @@ def test_load_stats_refuses_mismatched_arrays(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        pytest.param(lambda doc: {**doc, "schema": "pipeline.stats/0"},
-                     r"schema 'pipeline\.stats/0'; this version reads 'pipeline\.stats/1'",
-                     id="older-schema"),
-        pytest.param(lambda doc: {k: v for k, v in doc.items() if k != "schema"},
-                     r"schema None; this version reads 'pipeline\.stats/1'", id="no-schema"),
+        pytest.param(
+            lambda doc: {**doc, "schema": "pipeline.stats/0"},
+            r"schema 'pipeline\.stats/0'; this version reads 'pipeline\.stats/1'",
+            id="older-schema",
+        ),
+        pytest.param(
+            lambda doc: {k: v for k, v in doc.items() if k != "schema"},
+            r"schema None; this version reads 'pipeline\.stats/1'",
+            id="no-schema",
+        ),
         pytest.param(lambda doc: [doc], "schema None", id="not-a-mapping"),
         pytest.param(lambda doc: "{not json", "not a readable stats file", id="not-json"),
         pytest.param(None, "No stats at", id="missing"),
     ],
 )
 def test_load_stats_refuses_bad_json(
-    content: Callable[[dict[str, Any]], Any] | None, message: str, reference: Path,
+    content: Callable[[dict[str, Any]], Any] | None,
+    message: str,
+    reference: Path,
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "copy"

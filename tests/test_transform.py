@@ -139,9 +139,7 @@ def test_invert_recovers_the_pixels_exactly(
 @pytest.mark.parametrize("mode", DATASET_MODES)
 def test_dataset_constants_match_the_oracle(rgb8: Fitted, mode: str, scale: str) -> None:
     k = dataset_constants(mode, load_stats(rgb8.stats), scale)
-    offset, scale_ = oracle_dataset_constants(
-        mode, rgb8.train, 255.0 if scale == "unit" else 1.0
-    )
+    offset, scale_ = oracle_dataset_constants(mode, rgb8.train, 255.0 if scale == "unit" else 1.0)
     np.testing.assert_allclose(k.offset, offset, rtol=1e-14, atol=0)
     np.testing.assert_allclose(k.scale, scale_, rtol=1e-14, atol=0)
     assert k.divisor == (255.0 if scale == "unit" else 1.0)

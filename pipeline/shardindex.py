@@ -1,0 +1,51 @@
+"""The index at the end of a Zarr v3 shard file, read and checked as untrusted input.
+
+A shard with ``index_location: end`` ends with one (offset, nbytes) pair of little-endian
+uint64 per inner chunk (2**64-1 twice for a chunk that is not stored) and the CRC-32C of those
+bytes (Zarr v3 sharding codec spec). Reading only that tail lets a stage check every shard of
+a store for truncation or damage with one small read per shard, before it trusts a cached
+result instead of reading the pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from pipeline.errors import StoreError
+
+__all__ = ["EMPTY", "read_shard_index"]
+
+EMPTY = 2**64 - 1  # index entry of a chunk that is not stored
+
+
+def read_shard_index(path: Path, chunks: int) -> np.ndarray:
+    """The (chunks, 2) uint64 index of the shard file ``path``, or StoreError naming the damage.
+
+    Every stored chunk must lie inside the file before the index; the index must pass its
+    CRC-32C.
+    """
+    index_bytes = chunks * 16
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < index_bytes + 4:
+                raise StoreError(f"{path} is truncated: {size} bytes, less than its shard index.")
+            f.seek(size - index_bytes - 4)
+            tail = f.read(index_bytes + 4)
+    except OSError as exc:
+        raise StoreError(f"cannot read the shard {path}: {exc.strerror or exc}") from exc
+    raw, checksum = tail[:index_bytes], tail[index_bytes:]
+    if google_crc32c.value(raw) != int.from_bytes(checksum, "little"):
+        raise StoreError(
+            f"{path} is damaged or truncated: its shard index fails its CRC-32C check."
+        )
+    index = np.frombuffer(raw, dtype="<u8").reshape(chunks, 2)
+    stored = ~((index[:, 0] == EMPTY) & (index[:, 1] == EMPTY))
+    end = index[stored, 0].astype(object) + index[stored, 1].astype(object)
+    if stored.any() and max(end) > size - index_bytes - 4:
+        raise StoreError(f"{path} is truncated: its index names bytes past the end of the file.")
+    return index
