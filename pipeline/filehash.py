@@ -46,11 +46,20 @@ def known_hashes(cache: Cache, root: Path, ids: Mapping[str, Identity]) -> dict[
     """sha256 of the files of ``ids`` whose identity is recorded unchanged."""
     entry = cache.get("hashes", _key(root))
     table = entry.header.get("files", {}) if entry is not None else {}
+    if not isinstance(table, dict):
+        return {}  # an entry from elsewhere: a miss, never a crash
     known = {}
     for rel, (dev, ino, size, mtime) in ids.items():
         row = table.get(f"{dev}:{ino}")
-        if row is not None and row[0] == size and row[1] == mtime:
-            known[rel] = str(row[2])
+        if (
+            isinstance(row, list)
+            and len(row) == 3
+            and row[0] == size
+            and row[1] == mtime
+            and isinstance(row[2], str)
+            and len(row[2]) == 64
+        ):
+            known[rel] = row[2]
     return known
 
 

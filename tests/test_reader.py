@@ -52,7 +52,6 @@ Make = Callable[..., Path]
 @pytest.fixture(scope="module")
 def make(rgb8: Fitted, gray16: Fitted, tmp_path_factory: pytest.TempPathFactory) -> Make:
     """Normalized folders, made once per (data, mode, dtype, input_scale) and never modified."""
-    root = tmp_path_factory.mktemp("normalized")
     made: dict[tuple[str, str, str, str], Path] = {}
 
     def get(data: str, mode: str, dtype: str = "float32", scale: str = "pixel") -> Path:

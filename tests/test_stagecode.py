@@ -30,8 +30,8 @@ def test_a_stage_command_imports_only_its_listed_files(stage: str) -> None:
     """Oracle: what a real `pipeline STAGE --help`-free import of the command loads."""
     module = STAGES[stage]
     code = (
-        "import sys, pipeline.cli, pipeline.%s; "
-        "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('pipeline'))))" % module
+        f"import sys, pipeline.cli, pipeline.{module}; "
+        "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('pipeline'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = {
