@@ -225,3 +225,59 @@ def test_ctrl_c_is_one_line_exit_130_and_the_old_output_survives(tmp_path: Path)
     assert tree_digest(out) == before
     assert not list(tmp_path.glob(".out.*"))  # the temporary folder is removed
 
+
+
+# --- the wrapper itself: an unexpected exception, and Ctrl-C raised inside a Dask task ---------
+
+# The real app with one extra command wrapped like the others, so the test does not depend on
+# some stage still having a bug.
+EXTRA_COMMAND = """
+import dask
+import sys
+from pipeline.cli import _reports_errors, app
+
+def fail(kind):
+    if kind == "interrupt":
+        raise KeyboardInterrupt
+    raise ZeroDivisionError("a bug\\nsecond line " + "y" * 1000)
+
+@app.command()
+@_reports_errors
+def broken(kind: str) -> None:
+    dask.compute(dask.delayed(fail)(kind), scheduler="threads")
+
+app(prog_name="pipeline")
+"""
+
+
+def run_extra(kind: str, tmp_path: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    full_env = {**os.environ, "PIPELINE_CACHE_DIR": str(tmp_path / "cache"), **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", EXTRA_COMMAND, "broken", kind],
+        cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_unexpected_exception_is_one_line_with_the_debug_hint(tmp_path: Path) -> None:
+    status, stdout, stderr = run_extra("bug", tmp_path, {"PIPELINE_DEBUG": "0"})
+    assert status == 1
+    line = assert_one_line(stdout, stderr)
+    assert line.startswith("error: internal error: ZeroDivisionError: a bug")
+    assert "second line" not in line
+    assert "PIPELINE_DEBUG=1" in line
+    assert len(line) < 400
+
+
+def test_pipeline_debug_shows_the_traceback(tmp_path: Path) -> None:
+    status, _, stderr = run_extra("bug", tmp_path, {"PIPELINE_DEBUG": "1"})
+    assert status == 1
+    assert "Traceback" in stderr
+    assert "ZeroDivisionError" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: internal error: ZeroDivisionError")
+
+
+def test_ctrl_c_inside_a_dask_task_is_interrupted(tmp_path: Path) -> None:
+    status, stdout, stderr = run_extra("interrupt", tmp_path, {})
+    assert status == 130
+    assert assert_one_line(stdout, stderr) == "interrupted"
