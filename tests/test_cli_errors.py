@@ -207,7 +207,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_old_output_survives(tmp_path: Path)
     run_ingest(small, out, parse_params(yaml.safe_load(PARAMS)))
     before = tree_digest(out)
     assert before
-    write_jpegs(big, 300, 512)
+    write_jpegs(big, 600, 512)  # about 4 s of decoding on 2 cores
 
     proc = run_cli(["ingest", str(big), str(out)], tmp_path)
     deadline = time.monotonic() + 60
