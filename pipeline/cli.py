@@ -7,10 +7,14 @@ PipelineError becomes one message on stderr and exit status 1.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 
 from pipeline.errors import PipelineError
@@ -41,8 +45,14 @@ ParamsOption = Annotated[
 PREPARED_HELP = "Prepared folder written by `pipeline ingest`: a path or an fsspec URL."
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 def _reports_errors(fn: F) -> F:
-    """Turn PipelineError into one stderr message and exit status 1."""
+    """Turn every failure into one stderr line: PipelineError and OSError exit 1, Ctrl-C 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,8 +64,26 @@ def _reports_errors(fn: F) -> F:
         except OSError as exc:  # disk full, read-only or missing paths: the OS says it best
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
+        except KeyboardInterrupt as exc:  # also when raised inside Dask; outputs are atomic
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from exc
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("PIPELINE_DEBUG") == "1":
+                traceback.print_exc(file=sys.stderr)
+            typer.echo(
+                f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                f"(set PIPELINE_DEBUG=1 to see the traceback)",
+                err=True,
+            )
+            raise typer.Exit(1) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def _bad_option(option: str, value: object, allowed: str) -> PipelineError:
+    return PipelineError(f"{option} is {value}; allowed: {allowed}.")
 
 
 @app.command()
@@ -179,6 +207,12 @@ def verify(
     --decode N, N seeded source files are decoded afresh and compared. Exit 1 on any mismatch."""
     from pipeline.verify import verify_store
 
+    if sample is not None and sample < 1:
+        raise _bad_option("--sample", sample, "an integer >= 1 (or leave it out to check all)")
+    if not 0 <= seed < 2**32:
+        raise _bad_option("--seed", seed, f"0..{2**32 - 1}")
+    if decode < 0:
+        raise _bad_option("--decode", decode, "an integer >= 0")
     if decode and source is None:
         raise PipelineError("verify --decode needs --source, the image folder ingest read.")
     report = verify_store(
@@ -208,8 +242,16 @@ def show(
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("show"),
 ) -> None:
     """Write PNGs of raw | normalized (rescaled for viewing) | denormalized samples."""
+    from pipeline.reader import open_normalized
     from pipeline.show import show_samples
 
+    n = len(open_normalized(store, verify=False))
+    for index in indices:
+        if not -n <= index < n:
+            raise PipelineError(
+                f"Sample index {index} is out of range: {store} has {n} samples; "
+                f"allowed: {-n}..{n - 1}."
+            )
     for path in show_samples(store, indices, out):
         typer.echo(str(path))
 

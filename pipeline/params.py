@@ -7,6 +7,7 @@ keys are errors: a typo must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,39 @@ CODECS = ("none", "zstd", "lz4")
 # Pillow's default Image.MAX_IMAGE_PIXELS, copied so params do not depend on Pillow's state.
 PILLOW_MAX_PIXELS = 89_478_485
 
+# --- upper bounds: every value is bounded by the work or memory it implies ---
+# One shard (and so one chunk) is decoded into a single in-memory buffer per Dask task, and
+# stats reads one block the same way. With two such tasks per core on a small machine, 2 GiB
+# per buffer is the most that still fits; the default 256 x 224 x 224 x 3 shard is 37 MiB.
+MAX_BUFFER_BYTES = 2 * 2**30
+MAX_IMAGES_PER_TASK = 2**20  # chunk, shard and block counts; the only bound with image_size null
+MAX_SIDE = 2**16  # image_size sides: Pillow and PNG sizes fit in 16 bits in practice
+# A decoded input holds at most 4 bytes per pixel (RGBA or 32-bit gray) before conversion.
+MAX_PIXELS = MAX_BUFFER_BYTES // 4
+MAX_IMAGES_PER_CLASS = 10_000  # the sample collection: a few MB per 50 images per class
+MAX_SEED = 2**32 - 1  # numpy's legacy seeds and many tools take 32-bit seeds
+MAX_WORKERS = 1024
+MAX_SPLIT_EVERY = 1024
+MAX_PERCENTILES = 1001  # every 0.1 from 0 to 100
+# The compression levels each codec accepts: zarr's ZstdCodec refuses levels above 22 (zstd's
+# maximum; 0 means "the default, 3", negatives are zstd's fast modes, not offered here), and
+# BloscCodec refuses clevel outside 0..9. With codec none the level is unused, but still bounded.
+CODEC_LEVELS = {"zstd": (1, 22), "lz4": (0, 9), "none": (0, 22)}
+# What the message quotes of a bad value: a 10 MB string must not flood the terminal.
+QUOTE_CHARS = 60
+
 
 # --- parse_* helpers: each returns a normalized value or raises ParamsError naming the key ---
 
 
+def quote(value: object) -> str:
+    """``repr(value)``, cut to QUOTE_CHARS characters plus "..." when longer."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
 def _fail(key: str, expected: str, value: object) -> ParamsError:
-    return ParamsError(f"Expected {expected} for {key}. Got {value!r} instead.")
+    return ParamsError(f"Expected {expected} for {key}. Got {quote(value)} instead.")
 
 
 def parse_choice(value: object, key: str, choices: Sequence[Any]) -> Any:
@@ -71,13 +99,54 @@ def parse_scheduler(value: object, key: str) -> str:
     raise _fail(key, f"one of {allowed}, or a scheduler address like 'tcp://host:8786'", value)
 
 
-def parse_int(value: object, key: str, *, minimum: int | None = None) -> int:
-    """Return ``value`` as an int no smaller than ``minimum``."""
+def parse_int(value: object, key: str, *, minimum: int, maximum: int) -> int:
+    """Return ``value`` as an int in ``minimum..maximum``."""
+    expected = f"an integer in {minimum}..{maximum}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(key, "an integer", value)
-    if minimum is not None and value < minimum:
-        raise _fail(key, f"an integer >= {minimum}", value)
+        raise _fail(key, expected, value)
+    if not minimum <= value <= maximum:
+        raise _fail(key, expected, value)
     return value
+
+
+def parse_number(value: object, key: str, *, positive: bool) -> float:
+    """Return ``value`` as a finite float, > 0 when ``positive``, else >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not (value > 0 if positive else value >= 0)
+    ):
+        raise _fail(key, f"a finite number {'> 0' if positive else '>= 0'}", value)
+    return float(value)
+
+
+def parse_codec_level(value: object, key: str, codec: str) -> int:
+    """Return ``value`` as a compression level that ``codec`` accepts."""
+    low, high = CODEC_LEVELS[codec]
+    expected = f"an integer in {low}..{high} (codec {codec})"
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(key, expected, value)
+    return value
+
+
+def check_buffer(
+    key: str, images: int, size: tuple[int, int] | None, color: str, bit_depth: int
+) -> None:
+    """Refuse ``images`` per task whose uint8/uint16 buffer would exceed MAX_BUFFER_BYTES."""
+    if size is None:
+        return  # native sizes: unknown until decode, only the count bound applies
+    channels = 1 if color == "gray" else 3
+    per_image = size[0] * size[1] * channels * (1 if bit_depth == 8 else 2)
+    if images * per_image > MAX_BUFFER_BYTES:
+        most = MAX_BUFFER_BYTES // per_image
+        allowed = f"1..{most}" if most else "none: make ingest.image_size smaller"
+        raise ParamsError(
+            f"{key} is {images}: with ingest.image_size {size[0]}x{size[1]}, {channels} "
+            f"channel(s) of {bit_depth} bits that is a {images * per_image / 2**30:.1f} GiB "
+            f"buffer per task, over the {MAX_BUFFER_BYTES // 2**30} GiB limit. "
+            f"Allowed: {allowed}."
+        )
 
 
 def parse_fraction(value: object, key: str) -> float:
@@ -95,9 +164,11 @@ def parse_size(value: object, key: str) -> tuple[int, int] | None:
         not isinstance(value, Sequence)
         or isinstance(value, str)
         or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in value
+        )
     ):
-        raise _fail(key, "[height, width] as two positive integers, or null", value)
+        raise _fail(key, f"[height, width] as two integers in 1..{MAX_SIDE}, or null", value)
     return (int(value[0]), int(value[1]))
 
 
@@ -130,7 +201,7 @@ def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
             )
     if unknown:
         raise ParamsError(
-            f"Unknown key(s) {', '.join(repr(k) for k in unknown)} in params section "
+            f"Unknown key(s) {', '.join(quote(k) for k in unknown[:5])} in params section "
             f"{section!r}. Allowed keys: {', '.join(sorted(known))}."
         )
 
@@ -160,7 +231,9 @@ class BaseParams:
         workers = raw.get("workers")
         return cls(
             scheduler=parse_scheduler(raw.get("scheduler", "auto"), "base.scheduler"),
-            workers=None if workers is None else parse_int(workers, "base.workers", minimum=1),
+            workers=None
+            if workers is None
+            else parse_int(workers, "base.workers", minimum=1, maximum=MAX_WORKERS),
         )
 
 
@@ -175,9 +248,12 @@ class SampleParams:
     def from_dict(cls, raw: Mapping[str, Any]) -> SampleParams:
         _check_keys("sample", raw, cls)
         return cls(
-            seed=parse_int(raw.get("seed", 0), "sample.seed", minimum=0),
+            seed=parse_int(raw.get("seed", 0), "sample.seed", minimum=0, maximum=MAX_SEED),
             images_per_class=parse_int(
-                raw.get("images_per_class", 50), "sample.images_per_class", minimum=1
+                raw.get("images_per_class", 50),
+                "sample.images_per_class",
+                minimum=1,
+                maximum=MAX_IMAGES_PER_CLASS,
             ),
         )
 
@@ -234,38 +310,52 @@ class IngestParams:
         source = raw.get("source", d.source)
         if not isinstance(source, str) or not source:
             raise _fail("ingest.source", "a folder path", source)
-        chunk = parse_int(raw.get("chunk_images", d.chunk_images), "ingest.chunk_images", minimum=1)
-        shard = parse_int(raw.get("shard_images", d.shard_images), "ingest.shard_images", minimum=1)
+        n = MAX_IMAGES_PER_TASK
+        chunk = parse_int(
+            raw.get("chunk_images", d.chunk_images), "ingest.chunk_images", minimum=1, maximum=n
+        )
+        shard = parse_int(
+            raw.get("shard_images", d.shard_images), "ingest.shard_images", minimum=1, maximum=n
+        )
         if shard % chunk:
             raise _fail(
                 "ingest.shard_images", f"a multiple of ingest.chunk_images ({chunk})", shard
             )
+        size = parse_size(raw.get("image_size", d.image_size), "ingest.image_size")
+        color = parse_choice(raw.get("color", d.color), "ingest.color", COLORS)
+        bits = parse_choice(raw.get("bit_depth", d.bit_depth), "ingest.bit_depth", BIT_DEPTHS)
+        check_buffer("ingest.chunk_images", chunk, size, color, bits)
+        check_buffer("ingest.shard_images", shard, size, color, bits)
+        codec = parse_choice(raw.get("codec", d.codec), "ingest.codec", CODECS)
         return cls(
             source=source,
-            image_size=parse_size(raw.get("image_size", d.image_size), "ingest.image_size"),
+            image_size=size,
             resize=parse_choice(raw.get("resize", d.resize), "ingest.resize", RESIZE_POLICIES),
             resample=parse_choice(
                 raw.get("resample", d.resample), "ingest.resample", RESAMPLE_FILTERS
             ),
             pad_value=parse_color(raw.get("pad_value", d.pad_value), "ingest.pad_value"),
-            color=parse_choice(raw.get("color", d.color), "ingest.color", COLORS),
+            color=color,
             alpha=parse_choice(raw.get("alpha", d.alpha), "ingest.alpha", ALPHA_POLICIES),
             background=parse_color(raw.get("background", d.background), "ingest.background"),
-            bit_depth=parse_choice(
-                raw.get("bit_depth", d.bit_depth), "ingest.bit_depth", BIT_DEPTHS
-            ),
+            bit_depth=bits,
             split=SplitParams.from_dict(raw.get("split", {})),
             on_error=parse_choice(raw.get("on_error", d.on_error), "ingest.on_error", ON_ERROR),
             duplicates=parse_choice(
                 raw.get("duplicates", d.duplicates), "ingest.duplicates", DUPLICATES
             ),
             max_pixels=parse_int(
-                raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1
+                raw.get("max_pixels", d.max_pixels),
+                "ingest.max_pixels",
+                minimum=1,
+                maximum=MAX_PIXELS,
             ),
             chunk_images=chunk,
             shard_images=shard,
-            codec=parse_choice(raw.get("codec", d.codec), "ingest.codec", CODECS),
-            codec_level=parse_int(raw.get("codec_level", d.codec_level), "ingest.codec_level"),
+            codec=codec,
+            codec_level=parse_codec_level(
+                raw.get("codec_level", d.codec_level), "ingest.codec_level", codec
+            ),
         )
 
     def decode_dict(self) -> dict[str, Any]:
@@ -282,15 +372,16 @@ ZERO_STD = ("one", "eps")
 
 
 def parse_percentiles(value: object, key: str) -> tuple[float, ...]:
-    """Return a sorted tuple of distinct percentiles, each in [0, 100]."""
+    """Return a sorted tuple of distinct percentiles, each in [0, 100], at most MAX_PERCENTILES."""
     if (
         not isinstance(value, Sequence)
         or isinstance(value, str)
+        or len(value) > MAX_PERCENTILES
         or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 100 for v in value
         )
     ):
-        raise _fail(key, "a list of numbers in [0, 100]", value)
+        raise _fail(key, f"a list of at most {MAX_PERCENTILES} numbers in [0, 100]", value)
     return tuple(sorted({float(v) for v in value}))
 
 
@@ -320,23 +411,26 @@ class StatsParams:
                 f"split leak evaluation data into training. If that is really intended, set "
                 f"stats.allow_non_train_fit: true (it is recorded in stats.json)."
             )
-        eps = raw.get("eps", d.eps)
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-            raise _fail("stats.eps", "a number > 0", eps)
+        eps = parse_number(raw.get("eps", d.eps), "stats.eps", positive=True)
         block = raw.get("block_images", d.block_images)
         return cls(
             fit_split=fit,
             allow_non_train_fit=allow,
             zero_std=parse_choice(raw.get("zero_std", d.zero_std), "stats.zero_std", ZERO_STD),
-            eps=float(eps),
+            eps=eps,
             percentiles=parse_percentiles(
                 raw.get("percentiles", d.percentiles), "stats.percentiles"
             ),
             block_images=None
             if block is None
-            else parse_int(block, "stats.block_images", minimum=1),
+            else parse_int(
+                block, "stats.block_images", minimum=1, maximum=MAX_IMAGES_PER_TASK
+            ),
             split_every=parse_int(
-                raw.get("split_every", d.split_every), "stats.split_every", minimum=2
+                raw.get("split_every", d.split_every),
+                "stats.split_every",
+                minimum=2,
+                maximum=MAX_SPLIT_EVERY,
             ),
         )
 
@@ -370,21 +464,22 @@ class NormalizeParams:
     def from_dict(cls, raw: Mapping[str, Any]) -> NormalizeParams:
         _check_keys("normalize", raw, cls)
         d = cls()
-        eps = raw.get("eps", d.eps)
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-            raise _fail("normalize.eps", "a number >= 0", eps)
+        eps = parse_number(raw.get("eps", d.eps), "normalize.eps", positive=False)
+        codec = parse_choice(raw.get("codec", d.codec), "normalize.codec", CODECS)
         record = raw.get("record_git_revision", d.record_git_revision)
         if not isinstance(record, bool):
             raise _fail("normalize.record_git_revision", "true or false", record)
         return cls(
             mode=parse_choice(raw.get("mode", d.mode), "normalize.mode", NORMALIZE_MODES),
-            eps=float(eps),
+            eps=eps,
             dtype=parse_choice(raw.get("dtype", d.dtype), "normalize.dtype", DTYPES),
             input_scale=parse_choice(
                 raw.get("input_scale", d.input_scale), "normalize.input_scale", INPUT_SCALES
             ),
-            codec=parse_choice(raw.get("codec", d.codec), "normalize.codec", CODECS),
-            codec_level=parse_int(raw.get("codec_level", d.codec_level), "normalize.codec_level"),
+            codec=codec,
+            codec_level=parse_codec_level(
+                raw.get("codec_level", d.codec_level), "normalize.codec_level", codec
+            ),
             record_git_revision=record,
         )
 
@@ -426,20 +521,110 @@ def parse_params(raw: object, *, origin: str = "params") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ParamsError(f"Expected a mapping of sections in {origin}. Got {raw!r} instead.")
+        raise ParamsError(
+            f"Expected a mapping of sections in {origin}. Got {quote(raw)} instead."
+        )
     unknown = sorted(set(raw) - set(SECTIONS), key=repr)
     if unknown:
         raise ParamsError(
-            f"Unknown section(s) {', '.join(repr(k) for k in unknown)} in {origin}. "
+            f"Unknown section(s) {', '.join(quote(k) for k in unknown[:5])} in {origin}. "
             f"Allowed sections: {', '.join(sorted(SECTIONS))}."
         )
-    return Params(
+    params = Params(
         base=BaseParams.from_dict(_section(raw, "base")),
         sample=SampleParams.from_dict(_section(raw, "sample")),
         ingest=IngestParams.from_dict(_section(raw, "ingest")),
         stats=StatsParams.from_dict(_section(raw, "stats")),
         normalize=NormalizeParams.from_dict(_section(raw, "normalize")),
     )
+    i, block = params.ingest, params.stats.block_images
+    if block is not None:  # a stats block is read into one buffer, like a shard
+        check_buffer("stats.block_images", block, i.image_size, i.color, i.bit_depth)
+    return params
+
+
+# A params file is a few KB; these bounds refuse hostile or broken files before any work.
+MAX_PARAMS_BYTES = 2**20
+MAX_YAML_NODES = 100_000  # counted with aliases expanded: "billion laughs" stops here
+MAX_YAML_DEPTH = 32  # the deepest real key, ingest.split.val, is at depth 3
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys at any level, naming the key and its line."""
+
+    origin = "params"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then overriding a key is not a duplicate
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise ParamsError(
+                    f"Duplicate key {quote(key)} in {self.origin} on line "
+                    f"{key_node.start_mark.line + 1}: each key may appear once per mapping. "
+                    f"Remove one of them."
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(root: yaml.Node, origin: str) -> None:
+    """Count nodes with aliases expanded and bound the depth, without building any object."""
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ParamsError(
+                f"{origin} expands to more than {MAX_YAML_NODES} YAML values (aliases counted "
+                f"each time they are used). Write the values out instead of nesting aliases."
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise ParamsError(
+                f"{origin} is nested more than {MAX_YAML_DEPTH} levels deep (line "
+                f"{node.start_mark.line + 1}). Params are at most three levels deep."
+            )
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend(((key, depth + 1), (value, depth + 1)))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: its problem and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.problem or exc.context}{where}"
+    return " ".join(str(exc).split())
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """``yaml.safe_load(text)``, refusing duplicate keys, alias bombs and deep nesting."""
+    loader = _Loader(text)
+    loader.origin = origin
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, origin)
+        return loader.construct_document(node)
+    except RecursionError as exc:  # the composer recurses once per nesting level
+        raise ParamsError(
+            f"{origin} is nested too deeply to read. Params are at most three levels deep."
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{origin} is not valid YAML: {_yaml_problem(exc)}.") from exc
+    finally:
+        loader.dispose()
 
 
 def load_params(path: Path | None = None) -> Params:
@@ -449,13 +634,17 @@ def load_params(path: Path | None = None) -> Params:
             return Params()
         path = DEFAULT_PARAMS_FILE
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
     except OSError as exc:
         raise ParamsError(f"Cannot read params file {path}: {exc.strerror}.") from exc
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(
+            f"{path} is larger than {MAX_PARAMS_BYTES // 2**20} MiB: not a params file. "
+            f"Check the path given to --params."
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path} is not UTF-8 text: {exc}. Save it as UTF-8.") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_params(raw, origin=str(path))
+    return parse_params(parse_yaml(text, str(path)), origin=str(path))

@@ -597,3 +597,246 @@ def test_load_params_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_params_error_family() -> None:
     assert issubclass(ParamsError, ValueError)
     assert issubclass(ParamsError, PipelineError)
+
+
+# --- upper bounds: just inside is fine, just outside names the key, the value and the range ----
+
+GIB2 = 2 * 2**30  # the stated per-buffer limit
+RGB8_1024 = 1024 * 1024 * 3  # bytes of one 1024x1024 RGB uint8 image
+GRAY16_1024 = 1024 * 1024 * 2
+RGB8_224 = 224 * 224 * 3
+
+# (id, section, inside, outside, key, words of the allowed range)
+BOUNDS: list[Any] = [
+    ("workers", "base", {"workers": 1024}, {"workers": 1025}, "base.workers", "1..1024"),
+    ("seed", "sample", {"seed": 2**32 - 1}, {"seed": 2**32}, "sample.seed", "0..4294967295"),
+    ("images_per_class", "sample", {"images_per_class": 10_000},
+     {"images_per_class": 10_001}, "sample.images_per_class", "1..10000"),
+    ("image_size-side", "ingest", {"image_size": [65536, 1]}, {"image_size": [1, 65537]},
+     "ingest.image_size", "1..65536"),
+    ("chunk_images-count", "ingest",
+     {"image_size": None, "chunk_images": 2**20, "shard_images": 2**20},
+     {"image_size": None, "chunk_images": 2**20 + 1, "shard_images": 2**20 + 1},
+     "ingest.chunk_images", "1..1048576"),
+    ("shard_images-count", "ingest",
+     {"image_size": None, "chunk_images": 1, "shard_images": 2**20},
+     {"image_size": None, "chunk_images": 1, "shard_images": 2**20 + 1},
+     "ingest.shard_images", "1..1048576"),
+    ("shard-rgb8-memory", "ingest",
+     {"image_size": [1024, 1024], "chunk_images": 2, "shard_images": GIB2 // RGB8_1024},
+     {"image_size": [1024, 1024], "chunk_images": 2, "shard_images": GIB2 // RGB8_1024 + 2},
+     "ingest.shard_images", f"1..{GIB2 // RGB8_1024}"),
+    ("shard-keep-is-3-channels", "ingest",
+     {"image_size": [1024, 1024], "color": "keep", "chunk_images": 1, "shard_images": 682},
+     {"image_size": [1024, 1024], "color": "keep", "chunk_images": 1, "shard_images": 683},
+     "ingest.shard_images", "1..682"),
+    ("chunk-gray16-memory", "ingest",
+     {"image_size": [1024, 1024], "color": "gray", "bit_depth": 16, "chunk_images": 1024,
+      "shard_images": 1024},
+     {"image_size": [1024, 1024], "color": "gray", "bit_depth": 16, "chunk_images": 1025,
+      "shard_images": 1025},
+     "ingest.chunk_images", f"1..{GIB2 // GRAY16_1024}"),
+    ("max_pixels", "ingest", {"max_pixels": 2**29}, {"max_pixels": 2**29 + 1},
+     "ingest.max_pixels", "1..536870912"),
+    ("ingest-zstd-high", "ingest", {"codec": "zstd", "codec_level": 22},
+     {"codec": "zstd", "codec_level": 23}, "ingest.codec_level", "1..22"),
+    ("ingest-zstd-low", "ingest", {"codec": "zstd", "codec_level": 1},
+     {"codec": "zstd", "codec_level": 0}, "ingest.codec_level", "1..22"),
+    ("ingest-lz4-high", "ingest", {"codec": "lz4", "codec_level": 9},
+     {"codec": "lz4", "codec_level": 10}, "ingest.codec_level", "0..9"),
+    ("ingest-lz4-low", "ingest", {"codec": "lz4", "codec_level": 0},
+     {"codec": "lz4", "codec_level": -1}, "ingest.codec_level", "0..9"),
+    ("ingest-none-level", "ingest", {"codec_level": 22}, {"codec_level": 23},
+     "ingest.codec_level", "0..22"),
+    ("normalize-zstd-high", "normalize", {"codec": "zstd", "codec_level": 22},
+     {"codec": "zstd", "codec_level": 23}, "normalize.codec_level", "1..22"),
+    ("normalize-zstd-low", "normalize", {"codec": "zstd", "codec_level": 1},
+     {"codec": "zstd", "codec_level": 0}, "normalize.codec_level", "1..22"),
+    ("normalize-lz4-high", "normalize", {"codec": "lz4", "codec_level": 9},
+     {"codec": "lz4", "codec_level": 10}, "normalize.codec_level", "0..9"),
+    ("normalize-lz4-low", "normalize", {"codec": "lz4", "codec_level": 0},
+     {"codec": "lz4", "codec_level": -1}, "normalize.codec_level", "0..9"),
+    ("block_images-count", "stats", {"block_images": 1}, {"block_images": 2**20 + 1},
+     "stats.block_images", "1..1048576"),
+    ("split_every", "stats", {"split_every": 1024}, {"split_every": 1025},
+     "stats.split_every", "1024"),
+    ("percentiles-count", "stats", {"percentiles": [50] * 1001},
+     {"percentiles": [50] * 1002}, "stats.percentiles", "1001"),
+    ("stats-eps-inf", "stats", {"eps": 5e-324}, {"eps": math.inf}, "stats.eps", "> 0"),
+    ("stats-eps--inf", "stats", {"eps": 1e308}, {"eps": -math.inf}, "stats.eps", "> 0"),
+    ("stats-eps-nan", "stats", {"eps": 1}, {"eps": math.nan}, "stats.eps", "finite"),
+    ("normalize-eps-inf", "normalize", {"eps": 0}, {"eps": math.inf}, "normalize.eps", ">= 0"),
+    ("normalize-eps-nan", "normalize", {"eps": 0.0}, {"eps": math.nan}, "normalize.eps",
+     "finite"),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "inside", "outside", "key", "allowed"),
+    [pytest.param(*row[1:], id=row[0]) for row in BOUNDS],
+)
+def test_bound_just_inside_and_just_outside(
+    section: str, inside: dict[str, Any], outside: dict[str, Any], key: str, allowed: str
+) -> None:
+    parsed = getattr(parse_params({section: inside}), section)
+    for name, value in inside.items():
+        got = getattr(parsed, name)
+        assert got == (tuple(sorted(set(value))) if name == "percentiles" else
+                       tuple(value) if isinstance(value, list) else value)
+    with pytest.raises(ParamsError) as info:
+        parse_params({section: outside})
+    message = str(info.value)
+    assert key in message
+    assert allowed in message, message
+    bad = outside[key.rsplit(".", 1)[1]]
+    if not isinstance(bad, list):
+        assert str(bad) in message or repr(bad) in message
+
+
+@pytest.mark.parametrize(
+    ("ingest", "block", "ok"),
+    [
+        pytest.param({}, GIB2 // RGB8_224, True, id="default-size-inside"),
+        pytest.param({}, GIB2 // RGB8_224 + 1, False, id="default-size-outside"),
+        pytest.param({"image_size": [1024, 1024], "color": "gray", "bit_depth": 16}, 1024, True,
+                     id="gray16-inside"),
+        pytest.param({"image_size": [1024, 1024], "color": "gray", "bit_depth": 16}, 1025, False,
+                     id="gray16-outside"),
+        pytest.param({"image_size": None}, 2**20, True, id="native-size-count-only"),
+    ],
+)
+def test_stats_block_images_follows_the_shard_memory_rule(
+    ingest: dict[str, Any], block: int, ok: bool
+) -> None:
+    raw = {"ingest": ingest, "stats": {"block_images": block}}
+    if ok:
+        assert parse_params(raw).stats.block_images == block
+        return
+    with pytest.raises(ParamsError, match=r"stats\.block_images is \d+") as info:
+        parse_params(raw)
+    assert "GiB" in str(info.value)
+
+
+def test_an_image_too_large_for_any_shard_says_so() -> None:
+    with pytest.raises(ParamsError, match=r"make ingest\.image_size smaller"):
+        parse_params({"ingest": {"image_size": [65536, 65536], "chunk_images": 1,
+                                 "shard_images": 1}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        pytest.param({"ingest": {"resize": "x" * 10_000_000}}, "ingest.resize", id="10MB-string"),
+        pytest.param({"ingest": {"image_size": list(range(1_000_000))}}, "ingest.image_size",
+                     id="huge-list"),
+        pytest.param({"ingest": {"x" * 1_000_000: 1}}, "ingest", id="huge-unknown-key"),
+        pytest.param({"y" * 1_000_000: 1}, "params", id="huge-unknown-section"),
+        pytest.param({"base": "z" * 1_000_000}, "base", id="huge-section"),
+    ],
+)
+def test_a_huge_bad_value_is_quoted_short(raw: dict[Any, Any], key: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert key in message
+    assert "..." in message
+    assert len(message) < 400, message
+
+
+# --- load_params: duplicate keys, aliases, nesting and size --------------------------------------
+
+
+def _load(tmp_path: Path, text: str) -> Params:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        pytest.param("base: {}\nbase: {}\n", "'base'", 2, id="section"),
+        pytest.param("ingest:\n  codec: zstd\n  bit_depth: 8\n  codec: lz4\n", "'codec'", 4,
+                     id="key"),
+        pytest.param("ingest:\n  split:\n    val: 0.1\n    val: 0.2\n", "'val'", 4,
+                     id="nested-key"),
+        pytest.param("ingest: {codec: zstd, codec: lz4}\n", "'codec'", 1, id="flow-mapping"),
+        pytest.param("stats:\n  eps: 1\n  'eps': 2\n", "'eps'", 3, id="quoted-same-key"),
+    ],
+)
+def test_duplicate_key_is_an_error_naming_key_and_line(
+    tmp_path: Path, text: str, key: str, line: int
+) -> None:
+    assert yaml.safe_load(text)  # plain YAML would keep the last value silently
+    with pytest.raises(ParamsError) as info:
+        _load(tmp_path, text)
+    message = str(info.value)
+    assert f"Duplicate key {key}" in message
+    assert f"line {line}" in message
+    assert str(tmp_path / "params.yaml") in message
+
+
+def test_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
+    text = "ingest:\n  split:\n    <<: {method: hash, val: 0.2, test: 0.2}\n    val: 0.3\n"
+    assert yaml.safe_load(text)["ingest"]["split"]["val"] == 0.3
+    assert _load(tmp_path, text).ingest.split == SplitParams(method="hash", val=0.3, test=0.2)
+
+
+def test_small_aliases_keep_safe_load_semantics(tmp_path: Path) -> None:
+    text = "ingest:\n  pad_value: &grey [9, 9, 9]\n  background: *grey\n"
+    p = _load(tmp_path, text)
+    assert p == parse_params(yaml.safe_load(text))
+    assert p.ingest.background == (9, 9, 9)
+
+
+def _bomb(levels: int) -> str:
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels", [5, 9, 30], ids=["1e5", "1e9", "1e30"])
+def test_alias_bomb_is_refused_cheaply(tmp_path: Path, levels: int) -> None:
+    with pytest.raises(ParamsError, match="expands to more than 100000 YAML values"):
+        _load(tmp_path, _bomb(levels))
+
+
+def test_alias_within_the_node_bound_is_read(tmp_path: Path) -> None:
+    # 4 levels: 10**4 leaves, 11111 sequence nodes and leaves in all: under the bound
+    with pytest.raises(ParamsError, match="Unknown section"):
+        _load(tmp_path, _bomb(4))
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="nested more than 32"):
+        _load(tmp_path, "x: &r [*r]\n")
+
+
+@pytest.mark.parametrize(
+    ("depth", "match"),
+    [
+        pytest.param(31, "Expected a mapping", id="31-inside"),
+        pytest.param(32, "nested more than 32 levels", id="32-outside"),
+        pytest.param(100_000, "nested", id="100000"),
+    ],
+)
+def test_nesting_is_bounded(tmp_path: Path, depth: int, match: str) -> None:
+    # the root mapping is level 1, the outermost list level 2, the innermost level depth + 1
+    with pytest.raises(ParamsError, match=match):
+        _load(tmp_path, "ingest: " + "[" * depth + "]" * depth + "\n")
+
+
+def test_params_file_size_is_bounded(tmp_path: Path) -> None:
+    head = "base: {workers: 2}\n# "
+    inside = head + "x" * (2**20 - len(head) - 1) + "\n"
+    assert len(inside.encode()) == 2**20
+    assert _load(tmp_path, inside).base.workers == 2
+    with pytest.raises(ParamsError, match="larger than 1 MiB"):
+        _load(tmp_path, inside + "\n")
+
+
+def test_invalid_yaml_message_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError) as info:
+        _load(tmp_path, "base:\n  scheduler: [auto\n")
+    assert "\n" not in str(info.value)
+    assert "line 3" in str(info.value)
