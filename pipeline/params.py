@@ -222,6 +222,7 @@ class IngestParams:
     on_error: str = "fail"
     duplicates: str = "keep"
     max_pixels: int = PILLOW_MAX_PIXELS
+    max_file_bytes: int = 1 << 30
     chunk_images: int = 16
     shard_images: int = 256
     codec: str = "none"
@@ -262,6 +263,9 @@ class IngestParams:
             max_pixels=parse_int(
                 raw.get("max_pixels", d.max_pixels), "ingest.max_pixels", minimum=1
             ),
+            max_file_bytes=parse_int(
+                raw.get("max_file_bytes", d.max_file_bytes), "ingest.max_file_bytes", minimum=1
+            ),
             chunk_images=chunk,
             shard_images=shard,
             codec=parse_choice(raw.get("codec", d.codec), "ingest.codec", CODECS),
@@ -272,7 +276,7 @@ class IngestParams:
         """The values that change decoded pixels (not storage layout): recorded as lineage."""
         d = dataclasses.asdict(self)
         layout = ("source", "chunk_images", "shard_images", "codec", "codec_level")
-        for key in (*layout, "on_error", "duplicates"):
+        for key in (*layout, "on_error", "duplicates", "max_file_bytes"):
             d.pop(key)
         return _jsonable(d)
 
