@@ -385,14 +385,16 @@ def decode_image(
             frames = getattr(im, "n_frames", 1)
             orientation = int(im.getexif().get(0x0112, 1) or 1)
             bits = source_bits(im, data)
-            im.load()
+            deep_colour = bits > 8 and not _base_gray(mode)
+            if not deep_colour:  # those are decoded by colour16 (Pillow cannot always load them)
+                im.load()
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
         raise DecodeError("not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
-    if bits > 8 and not _base_gray(mode):
+    if deep_colour:
         pixels = _colour16(data, fmt, params, channels, orientation)
     else:
         pixels = _pillow_pixels(im, params, channels, orientation)

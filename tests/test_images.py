@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import zlib
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, ImageOps, features
 
 from pipeline.errors import StoreError
@@ -29,7 +31,10 @@ from pipeline.images import (
     DecodeError,
     decode_image,
     list_images,
+    name_conflicts,
+    nfc,
     output_channels,
+    outside_source,
     split_of,
 )
 from pipeline.params import IngestParams, parse_params
@@ -113,34 +118,44 @@ BILINEAR = Image.Resampling.BILINEAR
     ("data", "params", "channels", "oracle"),
     [
         pytest.param(
-            RGB_PNG, {"image_size": [16, 16]}, 3,
+            RGB_PNG,
+            {"image_size": [16, 16]},
+            3,
             lambda im: ImageOps.fit(im.convert("RGB"), (16, 16), method=BILINEAR),
             id="crop-default-bilinear-square",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": [12, 20], "resample": "lanczos"}, 3,
-            lambda im: ImageOps.fit(
-                im.convert("RGB"), (20, 12), method=Image.Resampling.LANCZOS
-            ),
+            RGB_PNG,
+            {"image_size": [12, 20], "resample": "lanczos"},
+            3,
+            lambda im: ImageOps.fit(im.convert("RGB"), (20, 12), method=Image.Resampling.LANCZOS),
             id="crop-lanczos-wide",
         ),
         pytest.param(
-            TALL_PNG, {"image_size": [9, 9], "resample": "bicubic"}, 3,
+            TALL_PNG,
+            {"image_size": [9, 9], "resample": "bicubic"},
+            3,
             lambda im: ImageOps.fit(im.convert("RGB"), (9, 9), method=Image.Resampling.BICUBIC),
             id="crop-bicubic-tall-source",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": [30, 10], "resize": "stretch", "resample": "bicubic"}, 3,
+            RGB_PNG,
+            {"image_size": [30, 10], "resize": "stretch", "resample": "bicubic"},
+            3,
             lambda im: im.convert("RGB").resize((10, 30), Image.Resampling.BICUBIC),
             id="stretch-bicubic",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": [50, 60], "resize": "stretch", "resample": "nearest"}, 3,
+            RGB_PNG,
+            {"image_size": [50, 60], "resize": "stretch", "resample": "nearest"},
+            3,
             lambda im: im.convert("RGB").resize((60, 50), Image.Resampling.NEAREST),
             id="stretch-nearest-upscale",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": [32, 32], "resize": "pad", "pad_value": [10, 20, 30]}, 3,
+            RGB_PNG,
+            {"image_size": [32, 32], "resize": "pad", "pad_value": [10, 20, 30]},
+            3,
             lambda im: ImageOps.pad(
                 im.convert("RGB"), (32, 32), method=BILINEAR, color=(10, 20, 30)
             ),
@@ -148,8 +163,12 @@ BILINEAR = Image.Resampling.BILINEAR
         ),
         pytest.param(
             TALL_PNG,
-            {"image_size": [20, 40], "resize": "pad", "pad_value": [200, 5, 90],
-             "resample": "hamming"},
+            {
+                "image_size": [20, 40],
+                "resize": "pad",
+                "pad_value": [200, 5, 90],
+                "resample": "hamming",
+            },
             3,
             lambda im: ImageOps.pad(
                 im.convert("RGB"), (40, 20), method=Image.Resampling.HAMMING, color=(200, 5, 90)
@@ -158,8 +177,13 @@ BILINEAR = Image.Resampling.BILINEAR
         ),
         pytest.param(
             GRAY_PNG,
-            {"image_size": [30, 30], "resize": "pad", "pad_value": 200, "color": "gray",
-             "resample": "box"},
+            {
+                "image_size": [30, 30],
+                "resize": "pad",
+                "pad_value": 200,
+                "color": "gray",
+                "resample": "box",
+            },
             1,
             lambda im: ImageOps.pad(
                 im.convert("L"), (30, 30), method=Image.Resampling.BOX, color=200
@@ -167,11 +191,17 @@ BILINEAR = Image.Resampling.BILINEAR
             id="pad-box-gray",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": None}, 3, lambda im: im.convert("RGB"),
+            RGB_PNG,
+            {"image_size": None},
+            3,
+            lambda im: im.convert("RGB"),
             id="size-none-keeps-native",
         ),
         pytest.param(
-            RGB_PNG, {"image_size": [23, 37]}, 3, lambda im: im.convert("RGB"),
+            RGB_PNG,
+            {"image_size": [23, 37]},
+            3,
+            lambda im: im.convert("RGB"),
             id="size-equal-to-native-is-identity",
         ),
     ],
@@ -214,12 +244,18 @@ FORMAT_CASES = [
     pytest.param("TIFF", encode(RGB_SRC, "TIFF"), 1, id="tiff-raw"),
     pytest.param("TIFF", encode(RGB_SRC, "TIFF", compression="tiff_lzw"), 1, id="tiff-lzw"),
     pytest.param(
-        "WEBP", encode(RGB_SRC, "WEBP", quality=80) if HAS_WEBP else b"", 1,
-        id="webp-lossy", marks=needs_webp,
+        "WEBP",
+        encode(RGB_SRC, "WEBP", quality=80) if HAS_WEBP else b"",
+        1,
+        id="webp-lossy",
+        marks=needs_webp,
     ),
     pytest.param(
-        "WEBP", encode(RGB_SRC, "WEBP", lossless=True) if HAS_WEBP else b"", 1,
-        id="webp-lossless", marks=needs_webp,
+        "WEBP",
+        encode(RGB_SRC, "WEBP", lossless=True) if HAS_WEBP else b"",
+        1,
+        id="webp-lossless",
+        marks=needs_webp,
     ),
     pytest.param("BMP", encode(RGB_SRC, "BMP"), 1, id="bmp"),
     pytest.param("GIF", encode(RGB_SRC.quantize(32), "GIF"), 1, id="gif-single"),
@@ -314,76 +350,156 @@ MODE_CASES = [
     pytest.param(RGB_PNG, "RGB", {}, 3, lambda im: im.convert("RGB"), id="rgb-to-rgb"),
     pytest.param(GRAY_PNG, "L", {}, 3, lambda im: im.convert("RGB"), id="L-to-rgb"),
     pytest.param(
-        GRAY_PNG, "L", {"color": "gray"}, 1, lambda im: im, id="L-to-gray",
+        GRAY_PNG,
+        "L",
+        {"color": "gray"},
+        1,
+        lambda im: im,
+        id="L-to-gray",
     ),
     pytest.param(
-        RGB_PNG, "RGB", {"color": "gray"}, 1, lambda im: im.convert("L"), id="rgb-to-gray",
+        RGB_PNG,
+        "RGB",
+        {"color": "gray"},
+        1,
+        lambda im: im.convert("L"),
+        id="rgb-to-gray",
     ),
     pytest.param(
-        RGBA_PNG, "RGBA", {"alpha": "drop"}, 3, lambda im: im.convert("RGB"),
+        RGBA_PNG,
+        "RGBA",
+        {"alpha": "drop"},
+        3,
+        lambda im: im.convert("RGB"),
         id="rgba-drop",
     ),
     pytest.param(
-        RGBA_PNG, "RGBA", {"alpha": "composite", "background": list(BG)}, 3,
-        lambda im: composite(im, BG).convert("RGB"), id="rgba-composite",
+        RGBA_PNG,
+        "RGBA",
+        {"alpha": "composite", "background": list(BG)},
+        3,
+        lambda im: composite(im, BG).convert("RGB"),
+        id="rgba-composite",
     ),
     pytest.param(
-        RGBA_PNG, "RGBA", {}, 3, lambda im: composite(im, (255, 255, 255)).convert("RGB"),
+        RGBA_PNG,
+        "RGBA",
+        {},
+        3,
+        lambda im: composite(im, (255, 255, 255)).convert("RGB"),
         id="rgba-composite-default-white",
     ),
     pytest.param(
-        RGBA_PNG, "RGBA", {"color": "gray", "background": list(BG)}, 1,
-        lambda im: composite(im, BG).convert("L"), id="rgba-composite-to-gray",
+        RGBA_PNG,
+        "RGBA",
+        {"color": "gray", "background": list(BG)},
+        1,
+        lambda im: composite(im, BG).convert("L"),
+        id="rgba-composite-to-gray",
     ),
     pytest.param(
-        LA_PNG, "LA", {"background": list(BG)}, 3,
-        lambda im: composite(im, BG).convert("RGB"), id="LA-composite",
+        LA_PNG,
+        "LA",
+        {"background": list(BG)},
+        3,
+        lambda im: composite(im, BG).convert("RGB"),
+        id="LA-composite",
     ),
     pytest.param(
-        LA_PNG, "LA", {"alpha": "drop"}, 3, lambda im: im.convert("RGB"), id="LA-drop",
+        LA_PNG,
+        "LA",
+        {"alpha": "drop"},
+        3,
+        lambda im: im.convert("RGB"),
+        id="LA-drop",
     ),
     pytest.param(
-        LA_PNG, "LA", {"alpha": "drop", "color": "gray"}, 1, lambda im: im.convert("L"),
+        LA_PNG,
+        "LA",
+        {"alpha": "drop", "color": "gray"},
+        1,
+        lambda im: im.convert("L"),
         id="LA-drop-to-gray",
     ),
     pytest.param(
-        P_INDEX_PNG, "P", {"background": list(BG)}, 3,
-        lambda im: composite(im, BG).convert("RGB"), id="P-transparent-index-composite",
+        P_INDEX_PNG,
+        "P",
+        {"background": list(BG)},
+        3,
+        lambda im: composite(im, BG).convert("RGB"),
+        id="P-transparent-index-composite",
     ),
     pytest.param(
-        P_ALPHA_PNG, "P", {"background": list(BG)}, 3,
-        lambda im: composite(im, BG).convert("RGB"), id="P-alpha-table-composite",
+        P_ALPHA_PNG,
+        "P",
+        {"background": list(BG)},
+        3,
+        lambda im: composite(im, BG).convert("RGB"),
+        id="P-alpha-table-composite",
     ),
     pytest.param(
-        P_ALPHA_PNG, "P", {"alpha": "drop"}, 3,
-        lambda im: im.convert("RGBA").convert("RGB"), id="P-alpha-table-drop",
+        P_ALPHA_PNG,
+        "P",
+        {"alpha": "drop"},
+        3,
+        lambda im: im.convert("RGBA").convert("RGB"),
+        id="P-alpha-table-drop",
     ),
     pytest.param(
-        P_INDEX_PNG, "P", {"color": "gray", "background": list(BG)}, 1,
-        lambda im: composite(im, BG).convert("L"), id="P-transparent-to-gray",
+        P_INDEX_PNG,
+        "P",
+        {"color": "gray", "background": list(BG)},
+        1,
+        lambda im: composite(im, BG).convert("L"),
+        id="P-transparent-to-gray",
     ),
     pytest.param(
-        encode(RGB_SRC.quantize(16), "PNG"), "P", {}, 3, lambda im: im.convert("RGB"),
+        encode(RGB_SRC.quantize(16), "PNG"),
+        "P",
+        {},
+        3,
+        lambda im: im.convert("RGB"),
         id="P-opaque-to-rgb",
     ),
     pytest.param(ONE_BIT_PNG, "1", {}, 3, lambda im: im.convert("RGB"), id="1bit-to-rgb"),
     pytest.param(
-        ONE_BIT_PNG, "1", {"color": "gray"}, 1, lambda im: im.convert("L"), id="1bit-to-gray",
+        ONE_BIT_PNG,
+        "1",
+        {"color": "gray"},
+        1,
+        lambda im: im.convert("L"),
+        id="1bit-to-gray",
     ),
     pytest.param(CMYK_JPEG, "CMYK", {}, 3, lambda im: im.convert("RGB"), id="cmyk-jpeg-to-rgb"),
     pytest.param(
-        CMYK_JPEG, "CMYK", {"color": "gray"}, 1, lambda im: im.convert("RGB").convert("L"),
+        CMYK_JPEG,
+        "CMYK",
+        {"color": "gray"},
+        1,
+        lambda im: im.convert("RGB").convert("L"),
         id="cmyk-jpeg-to-gray",
     ),
     pytest.param(
-        GRAY_PNG, "L", {"color": "keep"}, 1, lambda im: im, id="keep-L-stays-one-channel",
+        GRAY_PNG,
+        "L",
+        {"color": "keep"},
+        1,
+        lambda im: im,
+        id="keep-L-stays-one-channel",
     ),
     pytest.param(
-        RGB_PNG, "RGB", {"color": "keep"}, 3, lambda im: im.convert("RGB"),
+        RGB_PNG,
+        "RGB",
+        {"color": "keep"},
+        3,
+        lambda im: im.convert("RGB"),
         id="keep-rgb-stays-three-channels",
     ),
     pytest.param(
-        _rgb_with_colour_key(), "RGB", {"background": list(BG)}, 3,
+        _rgb_with_colour_key(),
+        "RGB",
+        {"background": list(BG)},
+        3,
         lambda im: composite(im, BG).convert("RGB"),
         id="rgb-png-trns-colour-key-composite",
     ),
@@ -489,8 +605,11 @@ def test_sixteen_to_eight_bit_covers_every_output_level() -> None:
         pytest.param(GRAY_PNG, {}, 3, lambda im: im.convert("RGB"), id="L-rgb"),
         pytest.param(RGB_PNG, {}, 3, lambda im: im.convert("RGB"), id="RGB-rgb"),
         pytest.param(
-            RGBA_PNG, {"background": list(BG)}, 3,
-            lambda im: composite(im, BG).convert("RGB"), id="RGBA-composite",
+            RGBA_PNG,
+            {"background": list(BG)},
+            3,
+            lambda im: composite(im, BG).convert("RGB"),
+            id="RGBA-composite",
         ),
     ],
 )
@@ -510,14 +629,25 @@ def test_eight_bit_source_with_bit_depth_16_is_times_257(
     ("params", "expected_of"),
     [
         pytest.param(
-            {"image_size": [26, 38], "resize": "stretch", "resample": "nearest",
-             "bit_depth": 16, "color": "gray"},
+            {
+                "image_size": [26, 38],
+                "resize": "stretch",
+                "resample": "nearest",
+                "bit_depth": 16,
+                "color": "gray",
+            },
             lambda a: a[np.arange(26) * 13 // 26][:, np.arange(38) * 19 // 38],
             id="stretch-nearest-2x-exact",
         ),
         pytest.param(
-            {"image_size": [19, 19], "resize": "pad", "pad_value": 3, "resample": "nearest",
-             "bit_depth": 16, "color": "gray"},
+            {
+                "image_size": [19, 19],
+                "resize": "pad",
+                "pad_value": 3,
+                "resample": "nearest",
+                "bit_depth": 16,
+                "color": "gray",
+            },
             lambda a: np.pad(a, ((3, 3), (0, 0)), constant_values=3 * 257),
             id="pad-16-bit-pad-value-scaled",
         ),
@@ -567,8 +697,9 @@ def test_exif_orientation_changes_pixels() -> None:
     """Guards the orientation table: 3, 6 and 8 really differ from the stored pixels."""
     plain = decode_image(_oriented_jpeg(1), ingest(), channels=3).pixels
     for o in (3, 6, 8):
-        assert not np.array_equal(decode_image(_oriented_jpeg(o), ingest(), channels=3).pixels,
-                                  plain)
+        assert not np.array_equal(
+            decode_image(_oriented_jpeg(o), ingest(), channels=3).pixels, plain
+        )
 
 
 # --- unusable files --------------------------------------------------------------------------
@@ -601,19 +732,26 @@ _PNG = encode(gradient_rgb(64, 48), "PNG")
         pytest.param(
             b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
             b"<body><h1>Not Found</h1></body></html>\n",
-            {}, r"not an image", id="html-saved-as-png",
+            {},
+            r"not an image",
+            id="html-saved-as-png",
         ),
         pytest.param(
-            encode(gradient_rgb(20, 20), "PNG"), {"max_pixels": 399},
+            encode(gradient_rgb(20, 20), "PNG"),
+            {"max_pixels": 399},
             r"decompression bomb: 20x20 = 400 pixels .*ingest\.max_pixels \(399\)",
             id="bomb-over-max-pixels",
         ),
         pytest.param(
-            _png_with_size(10_000, 10_000), {},
-            r"decompression bomb.*ingest\.max_pixels", id="bomb-header-default-limit",
+            _png_with_size(10_000, 10_000),
+            {},
+            r"decompression bomb.*ingest\.max_pixels",
+            id="bomb-header-default-limit",
         ),
         pytest.param(
-            _png_with_size(100_000, 100_000), {}, r"decompression bomb",
+            _png_with_size(100_000, 100_000),
+            {},
+            r"decompression bomb",
             id="bomb-header-beyond-pillow-limit",
         ),
     ],
@@ -646,14 +784,41 @@ def _touch(root: Path, *relpaths: str) -> None:
 
 
 IMAGES = [
-    "a.jpg", "b.png", "C.JPG", "d.JpEg", "e.TIFF", "f.tif", "g.webp", "h.BMP", "i.gif",
-    "cats/001.png", "cats/deep/er/002.jpeg", "dogs/003.PNG", "dogs/z.jpg", "dogs/10.jpg",
+    "a.jpg",
+    "b.png",
+    "C.JPG",
+    "d.JpEg",
+    "e.TIFF",
+    "f.tif",
+    "g.webp",
+    "h.BMP",
+    "i.gif",
+    "cats/001.png",
+    "cats/deep/er/002.jpeg",
+    "dogs/003.PNG",
+    "dogs/z.jpg",
+    "dogs/10.jpg",
 ]
 IGNORED = [
-    ".hidden.png", "._a.jpg", ".DS_Store", "Thumbs.db", "desktop.ini", "cats/.DS_Store",
-    ".hiddendir/x.png", "__MACOSX/a.jpg", "__MACOSX/cats/._001.png", "cats/Thumbs.db",
-    "notes.txt", "labels.json", "b.png.bak", "README", "cats/001.png.txt", "archive.zip",
-    "image.jpg.part", "svg.svg", "heic.HEIC",
+    ".hidden.png",
+    "._a.jpg",
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    "cats/.DS_Store",
+    ".hiddendir/x.png",
+    "__MACOSX/a.jpg",
+    "__MACOSX/cats/._001.png",
+    "cats/Thumbs.db",
+    "notes.txt",
+    "labels.json",
+    "b.png.bak",
+    "README",
+    "cats/001.png.txt",
+    "archive.zip",
+    "image.jpg.part",
+    "svg.svg",
+    "heic.HEIC",
 ]
 
 
@@ -771,8 +936,13 @@ def test_split_is_deterministic_across_processes() -> None:
     seed = "1" if os.environ.get("PYTHONHASHSEED") == "2" else "2"
     env = {**os.environ, "PYTHONHASHSEED": seed}
     out = subprocess.run(
-        [sys.executable, "-c", script], input=json.dumps(paths), capture_output=True,
-        text=True, check=True, env=env, timeout=30,
+        [sys.executable, "-c", script],
+        input=json.dumps(paths),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=30,
     )
     assert json.loads(out.stdout) == here
 
@@ -797,3 +967,160 @@ def test_growing_val_only_moves_train_to_val() -> None:
     for p, s in small.items():
         if s in ("test", "val"):
             assert large[p] == s
+
+
+# --- 16-bit colour ---------------------------------------------------------------------------
+
+
+def png16(a: np.ndarray) -> bytes:
+    """A 16-bit RGB (colour type 2) or RGBA (6) PNG of ``a``, chunks written by hand."""
+    h, w, c = a.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def tiff16(a: np.ndarray, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric="rgb", **kwargs)
+    return buf.getvalue()
+
+
+def to8(a: np.ndarray) -> np.ndarray:
+    """round(x * 255 / 65535), in float64."""
+    return np.round(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def over(a: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """16-bit straight alpha over an 8-bit background, in float64."""
+    al = a[..., 3:4].astype(np.float64) / 65535
+    bg = np.asarray(background, dtype=np.float64) * 257
+    return np.round(a[..., :3] * al + bg * (1 - al)).astype(np.uint16)
+
+
+RNG16 = np.random.default_rng(16)
+RGB16 = RNG16.integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+RGBA16 = RNG16.integers(0, 65536, (5, 7, 4), dtype=np.uint16)
+
+
+def test_pillow_still_truncates_16_bit_colour() -> None:
+    """Why colour16.py exists: if this fails, Pillow keeps 16 bits and the detour can go."""
+    im = pillow_open(tiff16(RGB16))
+    assert im.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(im), RGB16 >> 8)
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_sixteen_bit_rgb_tiff_is_exact(planar: str) -> None:
+    stored = np.moveaxis(RGB16, -1, 0) if planar == "separate" else RGB16  # (S, Y, X) planes
+    data = tiff16(stored, planarconfig=planar)
+    d16 = decode_image(data, ingest(bit_depth=16), channels=3)
+    np.testing.assert_array_equal(d16.pixels, RGB16)
+    assert (d16.pixels.dtype, d16.mode, d16.bits) == (np.uint16, "RGB", 16)
+    d8 = decode_image(data, ingest(bit_depth=8), channels=3)
+    np.testing.assert_array_equal(d8.pixels, to8(RGB16))
+
+
+@pytest.mark.parametrize("alpha", ["composite", "drop"])
+def test_sixteen_bit_rgba_tiff_is_exact(alpha: str) -> None:
+    data = tiff16(RGBA16)
+    bg = (10, 200, 255)
+    expected = over(RGBA16, bg) if alpha == "composite" else RGBA16[..., :3]
+    d16 = decode_image(data, ingest(bit_depth=16, alpha=alpha, background=list(bg)), channels=3)
+    np.testing.assert_array_equal(d16.pixels, expected)
+    assert (d16.mode, d16.bits) == ("RGBA", 16)
+    d8 = decode_image(data, ingest(bit_depth=8, alpha=alpha, background=list(bg)), channels=3)
+    np.testing.assert_array_equal(d8.pixels, to8(expected))
+
+
+def test_sixteen_bit_tiff_to_gray_uses_601_weights() -> None:
+    got = decode_image(tiff16(RGB16), ingest(bit_depth=16, color="gray"), channels=1).pixels
+    f = RGB16.astype(np.float64)
+    expected = np.round((f[..., 0] * 299 + f[..., 1] * 587 + f[..., 2] * 114) / 1000)
+    np.testing.assert_array_equal(got[..., 0], expected.astype(np.uint16))
+
+
+def test_sixteen_bit_tiff_resize_keeps_sixteen_bits() -> None:
+    """A 2x box downscale is the mean of each 2x2 block; Pillow rounds once per pass (±1)."""
+    a = RNG16.integers(0, 65536, (8, 12, 3), dtype=np.uint16)
+    p = ingest(bit_depth=16, image_size=[4, 6], resize="stretch", resample="box")
+    got = decode_image(tiff16(a), p, channels=3).pixels
+    mean = a.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
+    assert got.shape == (4, 6, 3)
+    assert np.abs(got - mean).max() <= 1  # an 8-bit detour would be off by up to 255
+
+
+def test_sixteen_bit_tiff_pads_with_the_channel_s_value() -> None:
+    a = np.full((4, 8, 3), 1000, dtype=np.uint16)
+    p = ingest(bit_depth=16, image_size=[8, 8], resize="pad", pad_value=[1, 2, 3])
+    got = decode_image(tiff16(a), p, channels=3).pixels
+    np.testing.assert_array_equal(got[0, 0], [257, 514, 771])
+    np.testing.assert_array_equal(got[4, 4], [1000, 1000, 1000])
+
+
+@pytest.mark.parametrize("a", [RGB16, RGBA16], ids=["rgb", "rgba"])
+def test_sixteen_bit_colour_png_is_rejected_not_truncated(a: np.ndarray) -> None:
+    with pytest.raises(DecodeError, match=r"^16-bit colour PNG: .*convert it"):
+        decode_image(png16(a), ingest(bit_depth=16), channels=3)
+
+
+def test_bits_records_the_source_depth() -> None:
+    rgb = Image.new("RGB", (3, 2), (1, 2, 3))
+    gray16 = Image.fromarray(np.full((2, 3), 40000, dtype=np.uint16))
+    assert decode_image(encode(rgb, "PNG"), ingest(), channels=3).bits == 8
+    assert decode_image(encode(rgb, "JPEG"), ingest(), channels=3).bits == 8
+    assert decode_image(encode(rgb.convert("1"), "PNG"), ingest(), channels=3).bits == 1
+    assert decode_image(encode(gray16, "PNG"), ingest(), channels=1).bits == 16
+    assert decode_image(encode(gray16, "TIFF"), ingest(), channels=1).bits == 16
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def test_name_conflicts_rejects_both_names_of_a_normalization_pair() -> None:
+    nfc_name, nfd_name = "a/caf\u00e9.png", "a/cafe\u0301.png"
+    kept, bad = name_conflicts(["a/b.png", nfc_name, nfd_name])
+    assert kept == ["a/b.png"]
+    assert [p for p, _ in bad] == [nfc_name, nfd_name]
+    assert ascii(nfd_name) in bad[0][1]
+    assert ascii(nfc_name) in bad[1][1]
+
+
+def test_split_of_an_nfd_name_is_that_of_its_nfc_form() -> None:
+    assert nfc("cafe\u0301/x.png") == "caf\u00e9/x.png"
+    assert nfc(os.fsdecode(b"\xff.png")) == os.fsdecode(b"\xff.png")  # not UTF-8: unchanged
+
+
+def test_list_images_rejects_a_large_sparse_file_without_reading_it(tmp_path: Path) -> None:
+    (tmp_path / "small.png").write_bytes(encode(Image.new("L", (2, 2)), "PNG"))
+    with open(tmp_path / "huge.png", "wb") as fh:
+        os.truncate(fh.fileno(), 3_200_000_000)  # sparse: no disk used, nothing to read
+    found, broken = list_images(tmp_path, max_bytes=1 << 30)
+    assert found == ["small.png"]
+    assert broken == [("huge.png", broken[0][1])]
+    assert broken[0][1].startswith("file is 3.2 GB (3200000000 bytes), more than ")
+    assert "ingest.max_file_bytes (1073741824)" in broken[0][1]
+
+
+def test_outside_source_marks_only_symlinks_leaving_the_folder(tmp_path: Path) -> None:
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (src / "a" / "in.png").write_bytes(b"x")
+    (elsewhere / "out.png").write_bytes(b"x")
+    (src / "a" / "inside-link.png").symlink_to(src / "a" / "in.png")
+    (src / "a" / "outside-link.png").symlink_to(elsewhere / "out.png")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    found, _ = list_images(src)
+    assert outside_source(src, found) == {"a/outside-link.png", "linked/out.png"}
