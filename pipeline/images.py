@@ -9,6 +9,7 @@ import errno
 import hashlib
 import io
 import os
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.colour16 import flatten_alpha16, read_tiff16, source_bits, to_gray16
 from pipeline.errors import StoreError
 from pipeline.location import Location
 from pipeline.params import IngestParams
@@ -29,7 +31,10 @@ __all__ = [
     "decode_image",
     "list_images",
     "list_remote_images",
+    "name_conflicts",
+    "nfc",
     "output_channels",
+    "outside_source",
     "split_of",
 ]
 
@@ -54,11 +59,21 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class SourceFile:
-    """One candidate input: its path relative to the source root (POSIX form), label and split."""
+    """One candidate input: its path relative to the source root (POSIX form), label and split.
+
+    ``relpath`` is in Unicode NFC, as recorded; ``disk`` is the real name to open when it
+    differs (a folder copied from macOS has NFD names), else "".
+    """
 
     relpath: str
     label: str
     split: str
+    disk: str = ""
+
+    @property
+    def on_disk(self) -> str:
+        """The relative path to open."""
+        return self.disk or self.relpath
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,18 +88,66 @@ class Decoded:
     height: int
     frames: int
     orientation: int
+    bits: int  # bits per sample of the source file
 
 
 def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-def list_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def nfc(relpath: str) -> str:
+    """The name a relative path is compared, split and recorded by: its Unicode NFC form."""
+    return unicodedata.normalize("NFC", relpath)
+
+
+def too_large(size: int, max_bytes: int) -> str:
+    """The rejection reason for a file of ``size`` bytes."""
+    return (
+        f"file is {size / 1e9:.1f} GB ({size} bytes), more than ingest.max_file_bytes "
+        f"({max_bytes}); raise ingest.max_file_bytes or remove the file"
+    )
+
+
+def name_conflicts(relpaths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split ``relpaths`` into usable ones and ``(relpath, reason)`` for names that differ only
+    in Unicode normalization (both of each such group are unusable)."""
+    groups: dict[str, list[str]] = {}
+    for rel in relpaths:
+        groups.setdefault(nfc(rel), []).append(rel)
+    bad = [
+        (
+            rel,
+            "name differs only in Unicode normalization from "
+            + ", ".join(ascii(o) for o in group if o != rel)
+            + "; rename one of them",
+        )
+        for group in groups.values()
+        if len(group) > 1
+        for rel in group
+    ]
+    clash = {rel for rel, _ in bad}
+    return [rel for rel in relpaths if rel not in clash], bad
+
+
+def outside_source(root: Path, relpaths: list[str]) -> set[str]:
+    """The paths among ``relpaths`` that are symlinks (or under symlinked folders) leading
+    outside ``root``."""
+    real_root = os.path.realpath(root)
+    return {
+        rel
+        for rel in relpaths
+        if os.path.commonpath([real_root, os.path.realpath(root / rel)]) != real_root
+    }
+
+
+def list_images(
+    root: Path, *, max_bytes: int | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Return sorted relative POSIX paths of image files under ``root``, and unusable entries.
 
     Follows symlinked folders but visits each real folder once, so symlink loops end. Hidden
-    files, OS junk and files without an image extension are ignored. Broken symlinks are
-    returned as ``(relpath, reason)``.
+    files, OS junk and files without an image extension are ignored. Broken symlinks and files
+    larger than ``max_bytes`` (from stat, before any read) are returned as ``(relpath, reason)``.
     """
     if not root.is_dir():
         raise StoreError(f"Source folder {root} does not exist or is not a folder.")
@@ -114,29 +177,36 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
                 broken.append((rel, reason))
             elif not os.path.isfile(full):
                 broken.append((rel, "not a regular file (a folder, FIFO, socket or device)"))
+            elif max_bytes is not None and (size := os.stat(full).st_size) > max_bytes:
+                broken.append((rel, too_large(size, max_bytes)))
             else:
                 found.append(rel)
     return sorted(found), sorted(broken)
 
 
-def list_remote_images(root: Location) -> tuple[list[str], list[tuple[str, str]]]:
+def list_remote_images(
+    root: Location, *, max_bytes: int | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
     """:func:`list_images` for a folder given by an fsspec URL (object storage).
 
     The same rules: sorted relative POSIX paths, hidden files and folders, OS junk and files
     without an image extension ignored. Object stores have no symlinks or special files, so
-    the list of unusable entries is always empty.
+    the only unusable entries are files larger than ``max_bytes`` (by the listing's size).
     """
     if not root.is_dir():
         raise StoreError(
             f"Source folder {root} does not exist or is not a folder (no objects under it)."
         )
-    found = [
-        rel
-        for rel in root.files()
+    listed = {
+        rel: info
+        for rel, info in root.files().items()
         if not any(_is_junk(part) for part in rel.split("/"))
         and os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
-    ]
-    return sorted(found), []
+    }
+    sizes = {rel: int(info.get("size") or 0) for rel, info in listed.items()}
+    big = {rel for rel, size in sizes.items() if max_bytes is not None and size > max_bytes}
+    broken = [(rel, too_large(sizes[rel], max_bytes or 0)) for rel in sorted(big)]
+    return sorted(set(listed) - big), broken
 
 
 def split_of(relpath: str, *, val: float, test: float) -> str:
@@ -188,8 +258,11 @@ def _to_store_mode(im: Image.Image, params: IngestParams, channels: int) -> Imag
     return im if im.mode == target else im.convert(target)  # convert() always copies
 
 
-def _resize(im: Image.Image, params: IngestParams) -> Image.Image:
-    """Apply ``ingest.image_size`` with ``ingest.resize`` using Pillow's own ImageOps helpers."""
+def _resize(im: Image.Image, params: IngestParams, channel: int = 0) -> Image.Image:
+    """Apply ``ingest.image_size`` with ``ingest.resize`` using Pillow's own ImageOps helpers.
+
+    A one-channel image is padded with ``ingest.pad_value[channel]``.
+    """
     if params.image_size is None:
         return im
     height, width = params.image_size
@@ -201,7 +274,7 @@ def _resize(im: Image.Image, params: IngestParams) -> Image.Image:
     if params.resize == "pad":
         fill: int | tuple[int, ...] = params.pad_value
         if im.mode != "RGB":
-            fill = params.pad_value[0] * (257 if im.mode == "I" else 1)
+            fill = params.pad_value[channel] * (257 if im.mode == "I" else 1)
         return ImageOps.pad(im, (width, height), method=method, color=fill)
     return ImageOps.fit(im, (width, height), method=method)
 
@@ -221,6 +294,47 @@ def _to_array(im: Image.Image, params: IngestParams, channels: int) -> np.ndarra
     if a.shape[2] != channels:
         a = np.repeat(a, channels, axis=2)
     return np.ascontiguousarray(a)
+
+
+# The transposition that makes an image upright, per EXIF orientation (as ImageOps.exif_transpose).
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _colour16(
+    data: bytes, fmt: str, params: IngestParams, channels: int, orientation: int
+) -> np.ndarray:
+    """Pixels of a file with more than 8 bits per colour channel, kept exact (see colour16.py).
+
+    Each channel is resized on its own as a 32-bit "I" image, like 16-bit gray.
+    """
+    if fmt != "TIFF":
+        raise DecodeError(
+            f"16-bit colour {fmt}: Pillow decodes it to 8 bits per channel and no installed "
+            f"decoder keeps 16; convert it to a 16-bit TIFF or an 8-bit {fmt}"
+        )
+    try:
+        a = read_tiff16(data)
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"cannot decode 16-bit colour TIFF exactly: {exc}") from exc
+    if a.shape[2] == 4:
+        a = flatten_alpha16(a, params.alpha, params.background)
+    if channels == 1:
+        a = to_gray16(a)
+    planes = []
+    for c in range(a.shape[2]):
+        im = Image.fromarray(a[..., c].astype(np.int32), mode="I")
+        if orientation in TRANSPOSE:
+            im = im.transpose(TRANSPOSE[orientation])
+        planes.append(_to_array(_resize(im, params, c), params, 1))
+    return np.ascontiguousarray(np.concatenate(planes, axis=2))
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -270,20 +384,20 @@ def decode_image(
             fmt, mode = im.format or "unknown", im.mode
             frames = getattr(im, "n_frames", 1)
             orientation = int(im.getexif().get(0x0112, 1) or 1)
-            im.load()
+            bits = source_bits(im, data)
+            deep_colour = bits > 8 and not _base_gray(mode)
+            if not deep_colour:  # those are decoded by colour16 (Pillow cannot always load them)
+                im.load()
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
         raise DecodeError("not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
-    try:
-        # exif_transpose copies even when there is nothing to turn: skip it then.
-        upright: Image.Image = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
-        converted = _resize(_to_store_mode(upright, params, channels), params)
-        pixels = _to_array(converted, params, channels)
-    except (OSError, ValueError) as exc:
-        raise DecodeError(f"cannot convert {mode} image: {exc}") from exc
+    if deep_colour:
+        pixels = _colour16(data, fmt, params, channels, orientation)
+    else:
+        pixels = _pillow_pixels(im, params, channels, orientation)
     if params.image_size is not None and pixels.shape[:2] != params.image_size:
         raise DecodeError(f"resized to {pixels.shape[:2]}, expected {params.image_size}")
     return Decoded(
@@ -295,4 +409,19 @@ def decode_image(
         height=height,
         frames=frames,
         orientation=orientation,
+        bits=bits,
     )
+
+
+def _pillow_pixels(
+    im: Image.Image, params: IngestParams, channels: int, orientation: int
+) -> np.ndarray:
+    """Pixels of an image Pillow decodes at its full depth."""
+    mode = im.mode
+    try:
+        # exif_transpose copies even when there is nothing to turn: skip it then.
+        upright: Image.Image = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
+        converted = _resize(_to_store_mode(upright, params, channels), params)
+        return _to_array(converted, params, channels)
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"cannot convert {mode} image: {exc}") from exc

@@ -22,9 +22,11 @@ from typing import Any
 import dask
 import numpy as np
 import PIL
+import tifffile
 import zarr
 from PIL import Image, UnidentifiedImageError, features
 
+from pipeline import colour16
 from pipeline import images as images_module
 from pipeline.cache import Cache, cache_key, open_cache
 from pipeline.digests import image_digest, image_digests
@@ -39,7 +41,10 @@ from pipeline.images import (
     decode_image,
     list_images,
     list_remote_images,
+    name_conflicts,
+    nfc,
     output_channels,
+    outside_source,
     split_of,
 )
 from pipeline.lineage import library_versions
@@ -81,10 +86,15 @@ class IngestResult:
 
 
 def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
-    """Label and split of every file, ordered by split then path."""
+    """Label and split of every file, ordered by split then path.
+
+    ``relpaths`` are on-disk names; labels, splits and order come from their NFC form, so a
+    folder gives the same result whichever normalization its file system uses.
+    """
     files = []
     outside = []
-    for rel in relpaths:
+    for disk in relpaths:
+        rel = nfc(disk)
         parts = rel.split("/")
         if params.split.method == "folders":
             if len(parts) < 2 or parts[0] not in SPLITS:
@@ -94,7 +104,9 @@ def assign(relpaths: Sequence[str], params: IngestParams) -> list[SourceFile]:
         else:
             split = split_of(rel, val=params.split.val, test=params.split.test)
             label = parts[0] if len(parts) > 1 else ""
-        files.append(SourceFile(relpath=rel, label=label, split=split))
+        files.append(
+            SourceFile(relpath=rel, label=label, split=split, disk="" if disk == rel else disk)
+        )
     if outside:
         shown = "\n".join(f"  {p}" for p in outside[:20])
         more = f"\n  ... and {len(outside) - 20} more" if len(outside) > 20 else ""
@@ -123,7 +135,7 @@ def _probe_shape(
     """(H, W, C) of the store: ingest.image_size, or the first readable image's upright size."""
     for f in files:
         try:
-            where = root / f.relpath
+            where = root / f.on_disk
             source = where.local if where.local else io.BytesIO(where.read_bytes())
             with Image.open(source) as im:
                 mode = im.mode
@@ -143,7 +155,7 @@ def decode_config(ip: IngestParams, channels: int) -> str:
     """Key of everything besides a file's bytes that determines its decoded pixels.
 
     The decode params (not the split: it does not change pixels), the channel count, the
-    decoding code itself and the versions of Pillow and its codec libraries.
+    decoding code itself and the versions of Pillow, its codec libraries and tifffile.
     """
     decode = ip.decode_dict()
     decode.pop("split", None)
@@ -152,8 +164,15 @@ def decode_config(ip: IngestParams, channels: int) -> str:
         {
             "decode": decode,
             "channels": channels,
-            "code": hashlib.sha256(Path(images_module.__file__).read_bytes()).hexdigest(),
-            "versions": {"pillow": PIL.__version__, "numpy": np.__version__, **codecs},
+            "code": hashlib.sha256(
+                b"".join(Path(str(m.__file__)).read_bytes() for m in (images_module, colour16))
+            ).hexdigest(),
+            "versions": {
+                "pillow": PIL.__version__,
+                "numpy": np.__version__,
+                "tifffile": tifffile.__version__,
+                **codecs,
+            },
         }
     )
 
@@ -177,6 +196,7 @@ def _record(d: Decoded) -> dict[str, Any]:
         "height": d.height,
         "frames": d.frames,
         "orientation": d.orientation,
+        "bits": d.bits,
     }
 
 
@@ -369,7 +389,12 @@ def run_ingest(
     if not (src.is_local and dest.is_local):
         cache = dataclasses.replace(cache, enabled=False)
         require_reachable([src], [dest])
-    relpaths, broken = list_images(src.local) if src.local else list_remote_images(src)
+    if src.local:
+        relpaths, broken = list_images(src.local, max_bytes=ip.max_file_bytes)
+    else:
+        relpaths, broken = list_remote_images(src, max_bytes=ip.max_file_bytes)
+    relpaths, conflicts = name_conflicts(relpaths)
+    broken = sorted(broken + conflicts)
     files = assign(relpaths, ip)
     if not files and not broken:
         raise PipelineError(
@@ -377,7 +402,7 @@ def run_ingest(
         )
     shape = _probe_shape(src, files, ip)
     config = decode_config(ip, shape[2])
-    relpaths = [f.relpath for f in files]
+    relpaths = [f.on_disk for f in files]
     ids: dict[str, Any] = {}
     index: dict[str, Packed] = {}
     cached: dict[str, Packed] = {}
@@ -419,7 +444,7 @@ def run_ingest(
                 src.local,
                 ids,
                 {
-                    f.relpath: r["sha256"]
+                    f.on_disk: r["sha256"]
                     for f, r in zip(files, records, strict=True)
                     if "sha256" in r
                 },
@@ -450,7 +475,11 @@ def run_ingest(
         if len(kept) < len(files):
             _compact(store, group, kept, shape, ip, params, progress)
         kept_files = [files[i] for i in kept]
-        kept_records = [records[i] for i in kept]
+        outside = outside_source(src.local, [f.on_disk for f in kept_files]) if src.local else set()
+        kept_records = [
+            {**records[i], "outside_source": True} if files[i].on_disk in outside else records[i]
+            for i in kept
+        ]
         manifest = _write_manifest(tmp / "manifest.jsonl", kept_files, kept_records)
         write_json(tmp / "rejected.json", [{"path": p, "reason": r} for p, r in rejected])
         write_json(tmp / "duplicates.json", [{"paths": g} for g in groups])

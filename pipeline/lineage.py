@@ -16,6 +16,7 @@ def library_versions() -> dict[str, str]:
     import dask
     import numpy as np
     import PIL
+    import tifffile
     import zarr
     from PIL import features
 
@@ -27,6 +28,7 @@ def library_versions() -> dict[str, str]:
         "pillow": PIL.__version__,
         "libjpeg": str(features.version("jpg")),
         "zlib": str(features.version("zlib")),
+        "tifffile": tifffile.__version__,
         "zarr": zarr.__version__,
         "dask": dask.__version__,
     }

@@ -298,6 +298,7 @@ class IngestParams:
     on_error: str = "fail"
     duplicates: str = "keep"
     max_pixels: int = PILLOW_MAX_PIXELS
+    max_file_bytes: int = 1 << 30
     chunk_images: int = 16
     shard_images: int = 256
     codec: str = "none"
@@ -350,6 +351,12 @@ class IngestParams:
                 minimum=1,
                 maximum=MAX_PIXELS,
             ),
+            max_file_bytes=parse_int(
+                raw.get("max_file_bytes", d.max_file_bytes),
+                "ingest.max_file_bytes",
+                minimum=1,
+                maximum=2**40,  # 1 TiB: a sanity bound, files are never read whole beyond this
+            ),
             chunk_images=chunk,
             shard_images=shard,
             codec=codec,
@@ -362,7 +369,7 @@ class IngestParams:
         """The values that change decoded pixels (not storage layout): recorded as lineage."""
         d = dataclasses.asdict(self)
         layout = ("source", "chunk_images", "shard_images", "codec", "codec_level")
-        for key in (*layout, "on_error", "duplicates"):
+        for key in (*layout, "on_error", "duplicates", "max_file_bytes"):
             d.pop(key)
         return _jsonable(d)
 

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import zlib
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, ImageOps, features
 
 from pipeline.errors import StoreError
@@ -29,7 +31,10 @@ from pipeline.images import (
     DecodeError,
     decode_image,
     list_images,
+    name_conflicts,
+    nfc,
     output_channels,
+    outside_source,
     split_of,
 )
 from pipeline.params import IngestParams, parse_params
@@ -962,3 +967,160 @@ def test_growing_val_only_moves_train_to_val() -> None:
     for p, s in small.items():
         if s in ("test", "val"):
             assert large[p] == s
+
+
+# --- 16-bit colour ---------------------------------------------------------------------------
+
+
+def png16(a: np.ndarray) -> bytes:
+    """A 16-bit RGB (colour type 2) or RGBA (6) PNG of ``a``, chunks written by hand."""
+    h, w, c = a.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def tiff16(a: np.ndarray, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric="rgb", **kwargs)
+    return buf.getvalue()
+
+
+def to8(a: np.ndarray) -> np.ndarray:
+    """round(x * 255 / 65535), in float64."""
+    return np.round(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def over(a: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """16-bit straight alpha over an 8-bit background, in float64."""
+    al = a[..., 3:4].astype(np.float64) / 65535
+    bg = np.asarray(background, dtype=np.float64) * 257
+    return np.round(a[..., :3] * al + bg * (1 - al)).astype(np.uint16)
+
+
+RNG16 = np.random.default_rng(16)
+RGB16 = RNG16.integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+RGBA16 = RNG16.integers(0, 65536, (5, 7, 4), dtype=np.uint16)
+
+
+def test_pillow_still_truncates_16_bit_colour() -> None:
+    """Why colour16.py exists: if this fails, Pillow keeps 16 bits and the detour can go."""
+    im = pillow_open(tiff16(RGB16))
+    assert im.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(im), RGB16 >> 8)
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_sixteen_bit_rgb_tiff_is_exact(planar: str) -> None:
+    stored = np.moveaxis(RGB16, -1, 0) if planar == "separate" else RGB16  # (S, Y, X) planes
+    data = tiff16(stored, planarconfig=planar)
+    d16 = decode_image(data, ingest(bit_depth=16), channels=3)
+    np.testing.assert_array_equal(d16.pixels, RGB16)
+    assert (d16.pixels.dtype, d16.mode, d16.bits) == (np.uint16, "RGB", 16)
+    d8 = decode_image(data, ingest(bit_depth=8), channels=3)
+    np.testing.assert_array_equal(d8.pixels, to8(RGB16))
+
+
+@pytest.mark.parametrize("alpha", ["composite", "drop"])
+def test_sixteen_bit_rgba_tiff_is_exact(alpha: str) -> None:
+    data = tiff16(RGBA16)
+    bg = (10, 200, 255)
+    expected = over(RGBA16, bg) if alpha == "composite" else RGBA16[..., :3]
+    d16 = decode_image(data, ingest(bit_depth=16, alpha=alpha, background=list(bg)), channels=3)
+    np.testing.assert_array_equal(d16.pixels, expected)
+    assert (d16.mode, d16.bits) == ("RGBA", 16)
+    d8 = decode_image(data, ingest(bit_depth=8, alpha=alpha, background=list(bg)), channels=3)
+    np.testing.assert_array_equal(d8.pixels, to8(expected))
+
+
+def test_sixteen_bit_tiff_to_gray_uses_601_weights() -> None:
+    got = decode_image(tiff16(RGB16), ingest(bit_depth=16, color="gray"), channels=1).pixels
+    f = RGB16.astype(np.float64)
+    expected = np.round((f[..., 0] * 299 + f[..., 1] * 587 + f[..., 2] * 114) / 1000)
+    np.testing.assert_array_equal(got[..., 0], expected.astype(np.uint16))
+
+
+def test_sixteen_bit_tiff_resize_keeps_sixteen_bits() -> None:
+    """A 2x box downscale is the mean of each 2x2 block; Pillow rounds once per pass (±1)."""
+    a = RNG16.integers(0, 65536, (8, 12, 3), dtype=np.uint16)
+    p = ingest(bit_depth=16, image_size=[4, 6], resize="stretch", resample="box")
+    got = decode_image(tiff16(a), p, channels=3).pixels
+    mean = a.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
+    assert got.shape == (4, 6, 3)
+    assert np.abs(got - mean).max() <= 1  # an 8-bit detour would be off by up to 255
+
+
+def test_sixteen_bit_tiff_pads_with_the_channel_s_value() -> None:
+    a = np.full((4, 8, 3), 1000, dtype=np.uint16)
+    p = ingest(bit_depth=16, image_size=[8, 8], resize="pad", pad_value=[1, 2, 3])
+    got = decode_image(tiff16(a), p, channels=3).pixels
+    np.testing.assert_array_equal(got[0, 0], [257, 514, 771])
+    np.testing.assert_array_equal(got[4, 4], [1000, 1000, 1000])
+
+
+@pytest.mark.parametrize("a", [RGB16, RGBA16], ids=["rgb", "rgba"])
+def test_sixteen_bit_colour_png_is_rejected_not_truncated(a: np.ndarray) -> None:
+    with pytest.raises(DecodeError, match=r"^16-bit colour PNG: .*convert it"):
+        decode_image(png16(a), ingest(bit_depth=16), channels=3)
+
+
+def test_bits_records_the_source_depth() -> None:
+    rgb = Image.new("RGB", (3, 2), (1, 2, 3))
+    gray16 = Image.fromarray(np.full((2, 3), 40000, dtype=np.uint16))
+    assert decode_image(encode(rgb, "PNG"), ingest(), channels=3).bits == 8
+    assert decode_image(encode(rgb, "JPEG"), ingest(), channels=3).bits == 8
+    assert decode_image(encode(rgb.convert("1"), "PNG"), ingest(), channels=3).bits == 1
+    assert decode_image(encode(gray16, "PNG"), ingest(), channels=1).bits == 16
+    assert decode_image(encode(gray16, "TIFF"), ingest(), channels=1).bits == 16
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def test_name_conflicts_rejects_both_names_of_a_normalization_pair() -> None:
+    nfc_name, nfd_name = "a/caf\u00e9.png", "a/cafe\u0301.png"
+    kept, bad = name_conflicts(["a/b.png", nfc_name, nfd_name])
+    assert kept == ["a/b.png"]
+    assert [p for p, _ in bad] == [nfc_name, nfd_name]
+    assert ascii(nfd_name) in bad[0][1]
+    assert ascii(nfc_name) in bad[1][1]
+
+
+def test_split_of_an_nfd_name_is_that_of_its_nfc_form() -> None:
+    assert nfc("cafe\u0301/x.png") == "caf\u00e9/x.png"
+    assert nfc(os.fsdecode(b"\xff.png")) == os.fsdecode(b"\xff.png")  # not UTF-8: unchanged
+
+
+def test_list_images_rejects_a_large_sparse_file_without_reading_it(tmp_path: Path) -> None:
+    (tmp_path / "small.png").write_bytes(encode(Image.new("L", (2, 2)), "PNG"))
+    with open(tmp_path / "huge.png", "wb") as fh:
+        os.truncate(fh.fileno(), 3_200_000_000)  # sparse: no disk used, nothing to read
+    found, broken = list_images(tmp_path, max_bytes=1 << 30)
+    assert found == ["small.png"]
+    assert broken == [("huge.png", broken[0][1])]
+    assert broken[0][1].startswith("file is 3.2 GB (3200000000 bytes), more than ")
+    assert "ingest.max_file_bytes (1073741824)" in broken[0][1]
+
+
+def test_outside_source_marks_only_symlinks_leaving_the_folder(tmp_path: Path) -> None:
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (src / "a" / "in.png").write_bytes(b"x")
+    (elsewhere / "out.png").write_bytes(b"x")
+    (src / "a" / "inside-link.png").symlink_to(src / "a" / "in.png")
+    (src / "a" / "outside-link.png").symlink_to(elsewhere / "out.png")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    found, _ = list_images(src)
+    assert outside_source(src, found) == {"a/outside-link.png", "linked/out.png"}

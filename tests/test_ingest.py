@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 from PIL import Image, ImageOps
 
@@ -305,3 +310,160 @@ def test_awkward_file_names_and_special_files(folder: Path, tmp_path: Path) -> N
     assert os.fsdecode(b"eel/\xff\xfe.png") in names  # exact, as Python spells the raw name
     stored = list(zarr.open_group(tmp_path / "out" / "images.zarr", mode="r")["path"][:])
     assert "eel/\\xff\\xfe.png" in stored
+
+
+def _manifest(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def _png16(a: np.ndarray) -> bytes:
+    """A 16-bit RGB (colour type 2) or RGBA (6) PNG, chunks written by hand."""
+    h, w, c = a.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
+    head = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", head)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + (chunk(b"IEND", b""))
+    )
+
+
+@pytest.mark.parametrize("bit_depth", [16, 8])
+def test_sixteen_bit_colour_tiff_exact_png_rejected(tmp_path: Path, bit_depth: int) -> None:
+    rng = np.random.default_rng(11)
+    src = tmp_path / "src" / "scans"
+    src.mkdir(parents=True)
+    rgb = rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    rgba = rng.integers(0, 65536, (6, 5, 4), dtype=np.uint16)
+    tifffile.imwrite(src / "a_rgb.tif", rgb, photometric="rgb")
+    tifffile.imwrite(src / "b_rgba.tif", rgba, photometric="rgb")
+    (src / "c_rgb.png").write_bytes(_png16(rgb))
+    (src / "d_rgba.png").write_bytes(_png16(rgba))
+    Image.fromarray(rgb[..., 0]).save(src / "e_gray.png")  # 16-bit gray: unchanged
+    p = params(
+        image_size=None,
+        bit_depth=bit_depth,
+        on_error="skip",
+        alpha="drop",
+        split={"val": 0, "test": 0},
+    )
+    out = tmp_path / "out"
+    run_ingest(tmp_path / "src", out, p)
+    rejected = json.loads((out / "rejected.json").read_text())
+    assert [r["path"] for r in rejected] == ["scans/c_rgb.png", "scans/d_rgba.png"]
+    assert all(r["reason"].startswith("16-bit colour PNG: ") for r in rejected)
+    images = zarr.open_array(out / "images.zarr" / "images", mode="r")[:]
+    expected = np.stack([rgb, rgba[..., :3], np.repeat(rgb[..., :1], 3, axis=2)])
+    if bit_depth == 8:  # round(x * 255 / 65535)
+        expected = np.round(expected.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert images.dtype == expected.dtype
+    np.testing.assert_array_equal(images, expected)
+    rows = _manifest(out)
+    assert [(r["mode"], r["bits"]) for r in rows] == [("RGB", 16), ("RGBA", 16), ("I;16", 16)]
+    with pytest.raises(BadImagesError, match="16-bit colour PNG"):
+        run_ingest(tmp_path / "src", tmp_path / "fail", params(image_size=None, bit_depth=16))
+
+
+def test_manifest_records_bits_of_every_file(folder: Path, tmp_path: Path) -> None:
+    run_ingest(folder, tmp_path / "out", params())
+    assert {r["bits"] for r in _manifest(tmp_path / "out")} == {8}
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_files_over_max_file_bytes_are_rejected_unread(
+    folder: Path, tmp_path: Path, on_error: str
+) -> None:
+    with open(folder / "cat" / "huge.png", "wb") as fh:
+        os.truncate(fh.fileno(), 5_000_000_000)  # sparse: 5 GB that use no disk
+    out = tmp_path / "out"
+    if on_error == "fail":
+        with pytest.raises(BadImagesError, match=r"cat/huge\.png.*5\.0 GB"):
+            run_ingest(folder, out, params())
+        assert not out.exists()
+        return
+    result = run_ingest(folder, out, params(on_error="skip"))
+    assert result.count == 42
+    rejected = json.loads((out / "rejected.json").read_text())
+    assert rejected == [{"path": "cat/huge.png", "reason": rejected[0]["reason"]}]
+    assert "more than ingest.max_file_bytes (1073741824)" in rejected[0]["reason"]
+
+
+def test_max_file_bytes_is_a_param_but_not_a_decode_param(folder: Path, tmp_path: Path) -> None:
+    small = (folder / "cat" / "000.jpg").stat().st_size
+    run_ingest(folder, tmp_path / "out", params(on_error="skip", max_file_bytes=small - 1))
+    rejected = json.loads((tmp_path / "out" / "rejected.json").read_text())
+    assert "cat/000.jpg" in [r["path"] for r in rejected]
+    assert "max_file_bytes" not in params().ingest.decode_dict()
+    with pytest.raises(ParamsError, match="max_file_bytes"):
+        params(max_file_bytes=0)
+
+
+def _nfd_copy(src: Path, dst: Path) -> None:
+    for path in sorted(src.rglob("*")):
+        target = dst / unicodedata.normalize("NFD", path.relative_to(src).as_posix())
+        if path.is_dir():
+            target.mkdir(parents=True)
+        else:
+            target.write_bytes(path.read_bytes())
+
+
+def test_nfd_named_copy_gives_byte_identical_outputs(folder: Path, tmp_path: Path) -> None:
+    os.rename(folder / "cat", folder / "caf\u00e9")
+    for i, p in enumerate(sorted((folder / "dog").iterdir())[:6]):
+        p.rename(p.with_name(f"\u00e5ngstr\u00f6m-{i}{p.suffix}"))
+    nfd = tmp_path / "nfd"
+    _nfd_copy(folder, nfd)
+    assert (nfd / "cafe\u0301").is_dir()
+    assert not (nfd / "caf\u00e9").exists()  # this file system keeps names as given
+    run_ingest(folder, tmp_path / "a", params())
+    run_ingest(nfd, tmp_path / "b", params())
+    a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
+    assert a == b
+    paths = {r["path"] for r in _manifest(tmp_path / "a")}
+    assert "dog/\u00e5ngstr\u00f6m-0.jpg" in paths or "dog/\u00e5ngstr\u00f6m-0.png" in paths
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_names_differing_only_in_normalization_conflict(
+    folder: Path, tmp_path: Path, on_error: str
+) -> None:
+    good = (folder / "cat" / "001.png").read_bytes()
+    nfc_name, nfd_name = "cat/caf\u00e9.png", "cat/cafe\u0301.png"
+    (folder / nfc_name).write_bytes(good)
+    (folder / nfd_name).write_bytes(good)
+    if on_error == "fail":
+        with pytest.raises(BadImagesError) as info:
+            run_ingest(folder, tmp_path / "out", params())
+        assert [p for p, _ in info.value.rejected] == [nfd_name, nfc_name]  # sorted
+        return
+    result = run_ingest(folder, tmp_path / "out", params(on_error="skip"))
+    assert result.count == 42
+    rejected = json.loads((tmp_path / "out" / "rejected.json").read_text())
+    assert [r["path"] for r in rejected] == [nfd_name, nfc_name]  # sorted: "e" < "\u00e9"
+    assert ascii(nfc_name) in rejected[0]["reason"]
+    assert ascii(nfd_name) in rejected[1]["reason"]
+    assert "Unicode normalization" in rejected[1]["reason"]
+
+
+def test_symlink_outside_the_source_is_marked(folder: Path, tmp_path: Path) -> None:
+    before = (tmp_path / "before", tmp_path / "after")
+    run_ingest(folder, before[0], params())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.png").write_bytes((folder / "cat" / "001.png").read_bytes())
+    (folder / "eel" / "zz-far.png").symlink_to(elsewhere / "far.png")
+    run_ingest(folder, before[1], params())
+    old = {r["path"]: r for r in _manifest(before[0])}
+    new = {r["path"]: r for r in _manifest(before[1])}
+    assert new.pop("eel/zz-far.png")["outside_source"] is True
+    assert all("outside_source" not in r for r in new.values())
+    assert {p: {**r, "index": 0} for p, r in new.items()} == {
+        p: {**r, "index": 0} for p, r in old.items()
+    }

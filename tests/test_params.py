@@ -130,6 +130,7 @@ ROUND_TRIPS = [
     ("ingest", {"split": {}}, {}),
     ("ingest", {"on_error": "skip"}, {"on_error": "skip"}),
     ("ingest", {"max_pixels": 1000}, {"max_pixels": 1000}),
+    ("ingest", {"max_file_bytes": 4096}, {"max_file_bytes": 4096}),
     ("ingest", {"chunk_images": 8}, {"chunk_images": 8}),
     ("ingest", {"shard_images": 512}, {"shard_images": 512}),
     (
