@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_hardening import tmpfs as tmpfs_fixture  # noqa: F401 (the fixture `tmpfs`: 2 MB)
+import test_hardening
 from test_location import (
     check_failed_stage_keeps_old_output,
     local_digests,
@@ -23,6 +23,8 @@ from pipeline.ingest import run_ingest
 from pipeline.location import parse_location
 from pipeline.publish import publish, root_markers
 from pipeline.store import open_prepared
+
+tmpfs = test_hardening.tmpfs  # the fixture: a real 2 MB tmpfs
 
 
 @pytest.fixture
