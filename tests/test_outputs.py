@@ -93,6 +93,9 @@ OVER_INPUTS = {
     "normalize-over-prepared": (
         ["normalize", "data/prepared", "data/stats", "data"], "data/prepared"),
     "report-over-stats": (["report", "data/stats", "data/stats"], "data/stats"),
+    "audit-plots-in-stats": (
+        ["audit", "--stats", "data/stats/stats.json", "--plots", "data/stats/plots"],
+        "data/stats"),
     "show-inside-store": (
         ["show", "data/normalized", "0", "--out", "data/normalized/pictures"], "data/normalized"),
 }
