@@ -93,12 +93,16 @@ def sample(
     params: ParamsOption = None,
 ) -> None:
     """Build the embedded sample collection of real photos (from scikit-image) in OUT_DIR."""
+    from pipeline.location import parse_location
+    from pipeline.outputs import check_output, write_marker
+    from pipeline.publish import publish
     from pipeline.sample import write_sample
-    from pipeline.store import atomic_output
 
     p = load_params(params).sample
-    with atomic_output(out_dir) as tmp:
-        n = write_sample(tmp, seed=p.seed, images_per_class=p.images_per_class)
+    check_output(out_dir, "sample", out_name="OUT_DIR")
+    with publish(parse_location(out_dir, "OUT_DIR")) as tmp:
+        n = write_sample(Path(tmp), seed=p.seed, images_per_class=p.images_per_class)
+        write_marker(tmp, "sample")
     typer.echo(f"sample: wrote {n} images to {out_dir}")
 
 
@@ -304,6 +308,13 @@ def audit(
     from pipeline.audit import audit_revisions, print_audit
     from pipeline.plots import write_audit_plots
 
+    if plots is not None:
+        from pipeline.audit import DEFAULT_STATS
+        from pipeline.outputs import check_outside
+        from pipeline.revisions import repo_root
+
+        json_path = stats if stats is not None else repo_root(Path.cwd()) / DEFAULT_STATS
+        check_outside(plots, {"the stats folder": json_path.parent}, out_name="--plots")
     result = audit_revisions(revisions, stats_path=stats)
     print_audit(result, as_json=json_output)
     if plots is not None:
@@ -378,7 +389,11 @@ def cache_info(directory: CacheDirOption = None) -> None:
 def cache_clear(directory: CacheDirOption = None) -> None:
     """Delete every cache entry: the next runs decode and reduce everything again."""
     from pipeline.cache import open_cache
+    from pipeline.registry import sweep_known
 
     cache = open_cache(directory)
+    swept = sweep_known(cache.root) if cache.enabled else []
     freed = cache.clear() if cache.enabled else 0
     typer.echo(f"cache: cleared {_size(freed)} from {cache.root}")
+    if swept:
+        typer.echo(f"cache: removed {len(swept)} leftover(s) of killed runs beside outputs")

@@ -49,6 +49,7 @@ from pipeline.images import (
 )
 from pipeline.lineage import library_versions
 from pipeline.location import Location, parse_location
+from pipeline.outputs import check_output
 from pipeline.packs import (
     Packed,
     add_pack,
@@ -386,6 +387,7 @@ def run_ingest(
     cache = cache if cache is not None else open_cache()
     src = parse_location(source, "SOURCE").resolve()
     dest = parse_location(out, "OUT")
+    check_output(dest, "ingest", {"SOURCE": src})
     if not (src.is_local and dest.is_local):
         cache = dataclasses.replace(cache, enabled=False)
         require_reachable([src], [dest])

@@ -15,6 +15,7 @@ from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
 from pipeline.lineage import git_revision, library_versions
 from pipeline.location import Location, parse_location
+from pipeline.outputs import check_output
 from pipeline.params import Params
 from pipeline.publish import publish
 from pipeline.reach import require_reachable
@@ -131,6 +132,7 @@ def run_normalize(
     prepared = parse_location(prepared, "PREPARED")
     stats_loc = parse_location(stats_dir, "STATS_DIR")
     dest = parse_location(out, "OUT")
+    check_output(dest, "normalize", {"PREPARED": prepared, "STATS_DIR": stats_loc})
     _same_filesystem(prepared, stats_loc, dest)
     if not dest.is_local:
         require_reachable([prepared, stats_loc], [dest])

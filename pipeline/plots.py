@@ -18,10 +18,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.audit import Audit
-from pipeline.location import Location
+from pipeline.location import Location, parse_location
+from pipeline.outputs import check_output, write_marker
+from pipeline.publish import publish
 from pipeline.revisions import RevisionStats, StatsArrays
 from pipeline.statsfile import load_stats
-from pipeline.store import atomic_output, write_json
+from pipeline.store import write_json
 
 __all__ = [
     "colormap",
@@ -335,9 +337,12 @@ def write_report(stats_dir: str | os.PathLike[str] | Location, out_dir: Path) ->
     list of Path
         The files written.
     """
+    check_output(out_dir, "report", {"STATS_DIR": stats_dir}, out_name="OUT_DIR")
     stats = load_stats(stats_dir)
     names = ["histogram.json", "mean_image.png", "std_image.png"]
-    with atomic_output(Path(out_dir)) as tmp:
+    with publish(parse_location(out_dir, "OUT_DIR")) as loc:
+        tmp = Path(loc)
+        write_marker(tmp, "report")
         write_json(tmp / names[0], histogram_rows(stats.histogram, stats.channels, stats.pixel_max))
         _save(mean_picture(stats.mean_image, stats.pixel_max, "mean image"), tmp / names[1])
         _save(std_picture(stats.std_image, "std image (mean over channels)"), tmp / names[2])

@@ -12,18 +12,24 @@ prefix ``.NAME.tmp-<id>`` and, only after the whole stage succeeded:
 Readers refuse a folder without a root ``zarr.json`` (and a stats.json whose stats.zarr does
 not hash to its record), so a publish interrupted between 1 and 3 shows "no store, re-run the
 stage", never a half store or an old/new mixture. A failed stage leaves the old destination
-untouched and removes its temporary prefix; the prefixes of killed runs are removed by the
-next run.
+untouched and removes its temporary prefix; the prefixes of killed runs (exactly
+``.NAME.tmp-<12 hex>``) are removed by the next run. Two runs writing one URL at once are not
+detected (object storage has no lock): do not start them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
 
+from pipeline.errors import StoreError
 from pipeline.location import Location
+from pipeline.locks import leftover_names
+from pipeline.registry import remember_output, sweep_known
 from pipeline.store import atomic_output
 
 __all__ = ["publish", "root_markers"]
@@ -60,7 +66,7 @@ def _tmp_siblings(dest: Location) -> list[Location]:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(parent.path, detail=False)]
     except FileNotFoundError:
         return []
-    return [parent / n for n in names if n.startswith(f".{dest.name}.tmp-")]
+    return [parent / n for n in leftover_names(dest.name, names)]
 
 
 def _replace(tmp: Location, dest: Location) -> None:
@@ -79,25 +85,51 @@ def _replace(tmp: Location, dest: Location) -> None:
     tmp.remove()
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _names_destination(dest: Location) -> Iterator[None]:
+    """Turn a full, read-only or over-quota disk into a StoreError that names ``dest``."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        error = StoreError(
+            f"Cannot write {dest}: {exc.strerror or os.strerror(exc.errno)}. Nothing was "
+            f"changed; free space (or make it writable), or choose another output path."
+        )
+        error.errno = exc.errno
+        raise error from exc
+
+
 @contextlib.contextmanager
 def publish(dest: Location) -> Iterator[Location]:
     """Yield a temporary folder beside ``dest``; on success its content replaces ``dest``.
 
-    Local destinations are renamed into place (:func:`pipeline.store.atomic_output`); remote
-    ones follow the marker-ordered copy of the module docstring. On any exception the
-    temporary folder is removed and ``dest`` is left as it was.
+    Local destinations are renamed into place (:func:`pipeline.store.atomic_output`, which
+    also holds ``dest``'s lock: a second run writing it at once stops with a StoreError);
+    remote ones follow the marker-ordered copy of the module docstring. On any exception the
+    temporary folder is removed and ``dest`` is left as it was. Every publish also removes the
+    leftovers of killed runs of the local outputs recorded in :mod:`pipeline.registry`.
     """
-    if dest.local is not None:
-        with atomic_output(dest.local) as tmp_path:
-            yield Location(str(tmp_path), tmp_path)
-        return
-    for leftover in _tmp_siblings(dest):
-        leftover.remove()
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        yield tmp
-    except BaseException:
-        with contextlib.suppress(Exception):  # keep the stage's own error
-            tmp.remove()
-        raise
-    _replace(tmp, dest)
+    sweep_known(skip=dest.local.absolute() if dest.local is not None else None)
+    with _names_destination(dest):
+        if dest.local is not None:
+            with atomic_output(dest.local) as tmp_path:
+                remember_output(tmp_path.parent / dest.local.name)
+                yield Location(str(tmp_path), tmp_path)
+            return
+        for leftover in _tmp_siblings(dest):
+            leftover.remove()
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            yield tmp
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the stage's own error
+                tmp.remove()
+            raise
+        _replace(tmp, dest)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -153,6 +156,31 @@ def run_tasks(
         )
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this worker once its parent is gone (it is re-parented: the pid changes)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end with the main process, even when that is killed with SIGKILL
+    (which runs no cleanup). On Linux the kernel sends this worker SIGKILL when its parent
+    dies; elsewhere a daemon thread polls the parent pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
 @contextlib.contextmanager
 def _pool(scheduler: str, workers: int) -> Iterator[Executor | None]:
     """An executor we own (and wait for) for the threads and processes schedulers."""
@@ -161,7 +189,9 @@ def _pool(scheduler: str, workers: int) -> Iterator[Executor | None]:
             yield pool
     elif scheduler == "processes":
         context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             yield pool
     else:
         yield None

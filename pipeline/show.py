@@ -10,6 +10,7 @@ import zarr
 from PIL import Image
 
 from pipeline.location import Location
+from pipeline.outputs import check_outside
 from pipeline.reader import lineage_target, open_normalized
 
 __all__ = ["show_samples"]
@@ -35,9 +36,11 @@ def show_samples(
     store: str | os.PathLike[str] | Location, indices: list[int], out_dir: Path
 ) -> list[Path]:
     """Write one PNG per index: raw | normalized (rescaled) | denormalized."""
+    check_outside(out_dir, {"STORE": store}, out_name="--out")
     ds = open_normalized(store, verify=False)
-    where = lineage_target(ds.path, ds.lineage, "prepared")
-    prepared = zarr.open_array((where / "images").zarr(), mode="r")
+    prepared_dir = lineage_target(ds.path, ds.lineage, "prepared")
+    check_outside(out_dir, {"STORE": ds.path, "its prepared store": prepared_dir}, out_name="--out")
+    prepared = zarr.open_array((prepared_dir / "images").zarr(), mode="r")
     pixel_max = int(ds.lineage["pixel_max"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

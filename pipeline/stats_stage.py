@@ -21,6 +21,7 @@ from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
 from pipeline.incremental import Reuse, fit_files, moments_key, reuse_moments, save_moments
 from pipeline.location import Location, parse_location
+from pipeline.outputs import check_output
 from pipeline.params import Params
 from pipeline.publish import publish
 from pipeline.reach import require_reachable
@@ -182,6 +183,7 @@ def run_stats(
     """
     prepared = parse_location(prepared, "PREPARED")
     out = parse_location(out_dir, "OUT_DIR")
+    check_output(out, "stats", {"PREPARED": prepared}, out_name="OUT_DIR")
     cache = cache if cache is not None else open_cache()
     if not (prepared.is_local and out.is_local):
         cache = dataclasses.replace(cache, enabled=False)

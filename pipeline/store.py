@@ -80,33 +80,35 @@ def sha256_file(path: Path | Location) -> str:
 def atomic_output(dest: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` by rename.
 
-    On any exception the temporary folder is removed and ``dest`` is left as it was. Folders
-    left behind by an interrupted earlier run (killed, so no cleanup ran) are removed first.
+    The whole time, ``dest``'s lock (:mod:`pipeline.locks`) is held: a second run writing the
+    same output stops with a StoreError naming this one. Leftovers of killed earlier runs
+    (``.NAME.tmp-<12 hex>``, ``.NAME.old-<12 hex>``, exactly) are removed first. On any
+    exception the temporary folder is removed and ``dest`` is left as it was.
     """
+    from pipeline.locks import hold, sweep_leftovers
+
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     # Absolute, so tasks on workers with another working directory find it too.
     dest = Path(dest).parent.resolve() / Path(dest).name
-    for leftover in dest.parent.glob(f".{dest.name}.tmp*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in dest.parent.glob(f".{dest.name}.old*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    with hold(dest):
+        sweep_leftovers(dest)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if dest.exists() or dest.is_symlink():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
 
 
 def compressors_for(codec: str, level: int) -> Any:

@@ -39,7 +39,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_stages_write_their_outputs(built: Path) -> None:
-    assert len(list((built / "sample").rglob("*.*"))) == 21
+    images = [p for p in (built / "sample").rglob("*.*") if not p.name.startswith(".")]
+    assert len(images) == 21
+    assert (built / "sample" / ".pipeline-sample").read_bytes() == b"pipeline.sample/1\n"
     assert (built / "prepared" / "images.zarr" / "zarr.json").is_file()
     assert (built / "stats" / "stats.json").is_file()
     group = zarr.open_group(built / "normalized" / "images.zarr", mode="r")

@@ -263,7 +263,7 @@ def test_empty_source_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_leftovers_of_a_killed_run_are_cleaned(folder: Path, tmp_path: Path) -> None:
-    leftover = tmp_path / ".prepared.tmp-deadbeef"
+    leftover = tmp_path / ".prepared.tmp-0123456789ab"  # the exact pattern the tool writes
     (leftover / "images.zarr").mkdir(parents=True)
     run_ingest(folder, tmp_path / "prepared", params())
     assert not leftover.exists()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_hardening
 from test_location import (
     check_failed_stage_keeps_old_output,
     local_digests,
@@ -22,6 +23,8 @@ from pipeline.ingest import run_ingest
 from pipeline.location import parse_location
 from pipeline.publish import publish, root_markers
 from pipeline.store import open_prepared
+
+tmpfs = test_hardening.tmpfs  # the fixture: a real 2 MB tmpfs
 
 
 @pytest.fixture
@@ -83,3 +86,44 @@ def test_interrupted_publish_shows_no_store(tmp_path: Path, memory_root: str) ->
     )
     with pytest.raises(StoreError, match=r"no zarr.json.*pipeline ingest"):
         open_prepared(f"{out}/images.zarr")
+
+
+def test_url_output_that_is_not_ours_is_refused(tmp_path: Path, memory_root: str) -> None:
+    write_folder(tmp_path / "src")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    (parse_location(f"{memory_root}/mine") / "thesis.txt").write_bytes(b"years of work\n")
+    with pytest.raises(StoreError, match=r"memory://.*/mine .*choose another OUT, or delete it"):
+        run_ingest(f"{memory_root}/src", f"{memory_root}/mine", params_for("threads"))
+    assert url_digests(f"{memory_root}/mine").keys() == {"thesis.txt"}
+    with pytest.raises(StoreError, match="is a file"):
+        run_ingest(f"{memory_root}/src", f"{memory_root}/mine/thesis.txt", params_for("threads"))
+
+
+def test_url_rerun_and_interrupted_publish_are_replaced(tmp_path: Path, memory_root: str) -> None:
+    """Our own output is replaced; so is one whose publish was interrupted after its root
+    marker was deleted (the complete new output waits in the temporary sibling)."""
+    write_folder(tmp_path / "src")
+    upload(tmp_path / "src", f"{memory_root}/src")
+    out = f"{memory_root}/prepared"
+    run_ingest(f"{memory_root}/src", out, params_for("threads"))
+    first = url_digests(out)
+    run_ingest(f"{memory_root}/src", out, params_for("threads"))
+    assert url_digests(out) == first
+    tmp = parse_location(f"{memory_root}/.prepared.tmp-{uuid.uuid4().hex[:12]}")
+    for rel, _ in first.items():
+        (tmp / rel).write_bytes(parse_location(f"{out}/{rel}").read_bytes())
+    marker = parse_location(f"{out}/images.zarr/zarr.json")
+    marker.fs.rm(marker.path)
+    user = parse_location(f"{memory_root}/.prepared.tmpfoo")
+    user.write_bytes(b"mine\n")
+    run_ingest(f"{memory_root}/src", out, params_for("threads"))
+    assert url_digests(out) == first
+    assert names(memory_root) == [".prepared.tmpfoo", "prepared", "src"]
+
+
+def test_full_disk_names_the_output_and_removes_the_temporary(tmpfs: Path) -> None:
+    dest = parse_location(tmpfs / "out")
+    full = rf"Cannot write {tmpfs}/out: No space left on device"
+    with pytest.raises(StoreError, match=full), publish(dest) as tmp:
+        (Path(tmp) / "big.bin").write_bytes(b"\0" * (4 << 20))  # the tmpfs holds 2 MB
+    assert sorted(p.name for p in tmpfs.iterdir()) == []  # no temporary folder, no lock file
