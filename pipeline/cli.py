@@ -282,6 +282,8 @@ def audit(
     from pipeline.audit import audit_revisions, print_audit
     from pipeline.plots import write_audit_plots
 
+    if fail_on_drift is not None and not 0 <= fail_on_drift < float("inf"):
+        raise _bad_option("--fail-on-drift", fail_on_drift, "a finite number >= 0")
     result = audit_revisions(revisions, stats_path=stats)
     print_audit(result, as_json=json_output)
     if plots is not None:
