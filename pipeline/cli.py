@@ -308,6 +308,8 @@ def audit(
     from pipeline.audit import audit_revisions, print_audit
     from pipeline.plots import write_audit_plots
 
+    if fail_on_drift is not None and not 0 <= fail_on_drift < float("inf"):
+        raise _bad_option("--fail-on-drift", fail_on_drift, "a finite number >= 0")
     if plots is not None:
         from pipeline.audit import DEFAULT_STATS
         from pipeline.outputs import check_outside

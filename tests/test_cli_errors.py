@@ -115,6 +115,10 @@ CASES = [
          ["--sample", "-1", ">= 1"]),
     Case("verify-sample-0", None, ["verify", "{normalized}", "--sample", "0"],
          ["--sample", "0", ">= 1"]),
+    Case("audit-fail-on-drift-nan", None, ["audit", "--fail-on-drift", "nan"],
+         ["--fail-on-drift", "nan", "finite"]),
+    Case("audit-fail-on-drift-negative", None, ["audit", "--fail-on-drift", "-1"],
+         ["--fail-on-drift", "-1.0", ">= 0"]),
     Case("verify-seed--1", None, ["verify", "{normalized}", "--sample", "2", "--seed", "-1"],
          ["--seed", "-1", "0..4294967295"]),
 ]
