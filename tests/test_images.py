@@ -975,3 +975,11 @@ def test_list_remote_images_rejects_large_objects_by_listed_size() -> None:
         assert "(101 bytes), more than ingest.max_file_bytes (100)" in broken[0][1]
     finally:
         root.remove()
+
+
+def test_sixteen_bit_tiff_exif_orientation_turns_every_channel() -> None:
+    a = RNG16.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    data = tiff16(a, extratags=[(274, "H", 1, 6, True)])  # 6: rotate 90 degrees clockwise
+    d = decode_image(data, ingest(bit_depth=16), channels=3)
+    assert d.orientation == 6
+    np.testing.assert_array_equal(d.pixels, np.rot90(a, k=-1))
