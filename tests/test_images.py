@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -31,12 +32,14 @@ from pipeline.images import (
     DecodeError,
     decode_image,
     list_images,
+    list_remote_images,
     name_conflicts,
     nfc,
     output_channels,
     outside_source,
     split_of,
 )
+from pipeline.location import parse_location
 from pipeline.params import IngestParams, parse_params
 
 Oracle = Callable[[Image.Image], Image.Image]
@@ -1124,3 +1127,24 @@ def test_outside_source_marks_only_symlinks_leaving_the_folder(tmp_path: Path) -
     (src / "linked").symlink_to(elsewhere, target_is_directory=True)
     found, _ = list_images(src)
     assert outside_source(src, found) == {"a/outside-link.png", "linked/out.png"}
+
+
+def test_list_remote_images_rejects_large_objects_by_listed_size() -> None:
+    root = parse_location(f"memory://sizes-{uuid.uuid4().hex[:8]}")
+    try:
+        (root / "a" / "small.png").write_bytes(b"x" * 10)
+        (root / "a" / "big.png").write_bytes(b"x" * 101)
+        found, broken = list_remote_images(root, max_bytes=100)
+        assert found == ["a/small.png"]
+        assert [p for p, _ in broken] == ["a/big.png"]
+        assert "(101 bytes), more than ingest.max_file_bytes (100)" in broken[0][1]
+    finally:
+        root.remove()
+
+
+def test_sixteen_bit_tiff_exif_orientation_turns_every_channel() -> None:
+    a = RNG16.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    data = tiff16(a, extratags=[(274, "H", 1, 6, True)])  # 6: rotate 90 degrees clockwise
+    d = decode_image(data, ingest(bit_depth=16), channels=3)
+    assert d.orientation == 6
+    np.testing.assert_array_equal(d.pixels, np.rot90(a, k=-1))

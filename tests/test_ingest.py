@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import tifffile
 import zarr
 from PIL import Image, ImageOps
 
+from pipeline.cache import open_cache
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
 from pipeline.ingest import run_ingest
 from pipeline.params import parse_params
@@ -414,7 +416,10 @@ def _nfd_copy(src: Path, dst: Path) -> None:
             target.write_bytes(path.read_bytes())
 
 
-def test_nfd_named_copy_gives_byte_identical_outputs(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["decoded", "from-cache"])
+def test_nfd_named_copy_gives_byte_identical_outputs(
+    folder: Path, tmp_path: Path, cached: bool
+) -> None:
     os.rename(folder / "cat", folder / "caf\u00e9")
     for i, p in enumerate(sorted((folder / "dog").iterdir())[:6]):
         p.rename(p.with_name(f"\u00e5ngstr\u00f6m-{i}{p.suffix}"))
@@ -423,7 +428,11 @@ def test_nfd_named_copy_gives_byte_identical_outputs(folder: Path, tmp_path: Pat
     assert (nfd / "cafe\u0301").is_dir()
     assert not (nfd / "caf\u00e9").exists()  # this file system keeps names as given
     run_ingest(folder, tmp_path / "a", params())
-    run_ingest(nfd, tmp_path / "b", params())
+    cache = open_cache()
+    result = run_ingest(
+        nfd, tmp_path / "b", params(), cache=dataclasses.replace(cache, enabled=cached)
+    )
+    assert result.from_cache == (42 if cached else 0)
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     assert a == b
     paths = {r["path"] for r in _manifest(tmp_path / "a")}

@@ -130,7 +130,7 @@ ROUND_TRIPS = [
     ("ingest", {"split": {}}, {}),
     ("ingest", {"on_error": "skip"}, {"on_error": "skip"}),
     ("ingest", {"max_pixels": 1000}, {"max_pixels": 1000}),
-    ("ingest", {"max_file_bytes": 4096}, {"max_file_bytes": 4096}),
+    ("ingest", {"max_file_bytes": 5000}, {"max_file_bytes": 5000}),
     ("ingest", {"chunk_images": 8}, {"chunk_images": 8}),
     ("ingest", {"shard_images": 512}, {"shard_images": 512}),
     (
@@ -290,6 +290,8 @@ BAD_VALUES: list[Any] = [
     ("ingest", {"max_pixels": 0}, "ingest.max_pixels", None),
     ("ingest", {"max_pixels": "lots"}, "ingest.max_pixels", None),
     ("ingest", {"max_pixels": 1e9}, "ingest.max_pixels", None),
+    ("ingest", {"max_file_bytes": 0}, "ingest.max_file_bytes", None),
+    ("ingest", {"max_file_bytes": "1G"}, "ingest.max_file_bytes", None),
     ("ingest", {"chunk_images": 0}, "ingest.chunk_images", None),
     ("ingest", {"chunk_images": "16"}, "ingest.chunk_images", None),
     ("ingest", {"shard_images": 0}, "ingest.shard_images", None),
