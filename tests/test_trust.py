@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,37 @@ def test_a_cache_others_can_write_is_refused_in_one_line(
     env["PIPELINE_CACHE_SHARED"] = "1"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 kB tmpfs: big enough for the cache's first entries, too small for its packs."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("needs mount(8)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def test_a_full_cache_disk_costs_only_time_and_leaves_no_temporary_files(
+    src: Path, tiny_disk: Path, tmp_path: Path
+) -> None:
+    cache = Cache(root=tiny_disk / "cache", limit=10**9)  # another device: packs are written
+    warm = run_both(src, tmp_path / "out", PARAMS, cache)
+    assert_identical(warm, scratch(src, tmp_path / "cold", PARAMS))
+    left = [p for p in tiny_disk.rglob("*") if ".tmp-" in p.name]
+    assert not left, left
+    packs = list((tiny_disk / "cache" / "packs").rglob("*.pack"))
+    assert 0 < len(packs) < 12, "premise: the disk filled up part way (12 shards)"
