@@ -67,7 +67,7 @@ def _reports_errors(fn: F) -> F:
         except KeyboardInterrupt as exc:  # also when raised inside Dask; outputs are atomic
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from exc
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
             if os.environ.get("PIPELINE_DEBUG") == "1":

@@ -44,6 +44,7 @@ class _Hex:
 
 
 ANY = object()
+MISSING = "a value"
 HEX64 = _Hex(64)  # a sha256 in hex
 
 
@@ -104,7 +105,7 @@ def _walk(value: Any, spec: Any, path: str) -> tuple[str, str] | None:
         for key, item_spec in spec.items():
             where = f"{path}.{key}" if path else key
             if key not in value:
-                return where, "a value (the key is missing)"
+                return where, MISSING
             found = _walk(value[key], item_spec, where)
             if found:
                 return found
@@ -116,7 +117,5 @@ def check_document(doc: Any, spec: Any, where: object, fix: str) -> None:
     found = _walk(doc, spec, "")
     if found is not None:
         key, expected = found
-        raise StoreError(
-            f"{where}: {key or 'the document'} is not {expected}; it was edited or comes from "
-            f"another version. {fix}"
-        )
+        what = f"{key} is missing" if expected is MISSING else f"{key or 'it'} is not {expected}"
+        raise StoreError(f"{where}: {what}; it was edited or comes from another version. {fix}")

@@ -27,6 +27,13 @@ class BadImagesError(PipelineError, ValueError):
 
     def __init__(self, rejected: list[tuple[str, str]]) -> None:
         self.rejected = rejected
+        if len(rejected) == 1:  # one file: one line
+            path, reason = rejected[0]
+            super().__init__(
+                f"1 input file cannot be used; nothing was written: {path}: {reason}. Fix or "
+                f"remove it, or set ingest.on_error: skip to record it in rejected.json."
+            )
+            return
         lines = [f"  {path}: {reason}" for path, reason in rejected]
         super().__init__(
             f"{len(rejected)} input file(s) cannot be used; nothing was written:\n"

@@ -436,7 +436,7 @@ def run_ingest(
             tasks, params.base, kind="decode", progress=progress, shared=[src, tmp], writes=[tmp]
         )
         records = [r for result in results for r in result.records]
-        digests = np.concatenate([result.digests for result in results])
+        digests = np.concatenate([np.zeros(0, np.uint32)] + [r.digests for r in results])
         from_cache = sum(result.hits for result in results)
         if cache.enabled and src.local is not None:
             mark_used(cached.values())

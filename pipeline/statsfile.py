@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.documents import HEX64, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.location import Location, parse_location
 from pipeline.stats import FitResult, Moments
@@ -22,6 +23,20 @@ __all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256"
 STATS_SCHEMA = "pipeline.stats/1"
 STATS_JSON = "stats.json"
 STATS_ZARR = "stats.zarr"
+MAX_STATS_JSON = 64 * 2**20  # ours are a few kB; a larger file is not read
+CHANNEL = {"mean": float, "std": float, "min": int, "max": int}
+STATS_DOCUMENT = {
+    "schema": str,
+    "fit_split": str,
+    "fingerprint": HEX64,
+    "pixel_max": OneOf((255, 65535)),
+    "channel_names": [str],
+    "count": {"images": int, "pixels_per_channel": int, "prepared_images": int},
+    "channels": dict,
+    "global": {"mean": float, "std": float},
+    "arrays": {"path": str, "sha256": HEX64},
+    "params": dict,
+}
 
 
 def channel_names(channels: int) -> list[str]:
@@ -134,13 +149,19 @@ def load_stats(path: str | os.PathLike[str] | Location) -> Stats:
     p = parse_location(path, "the stats folder")
     json_path = p / STATS_JSON if p.is_dir() else p
     try:
+        if json_path.local is not None and json_path.local.stat().st_size > MAX_STATS_JSON:
+            raise StoreError(
+                f"{json_path} is larger than {MAX_STATS_JSON} bytes: not a stats file."
+            )
         raw = json_path.read_bytes()
         doc = json.loads(raw)
     except FileNotFoundError as exc:
         raise StoreError(
             f"No stats at {json_path}. Run `pipeline stats` (dvc repro) first."
         ) from exc
-    except (OSError, ValueError) as exc:
+    except StoreError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
         raise StoreError(f"{json_path} is not a readable stats file: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("schema") != STATS_SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else None
@@ -148,6 +169,13 @@ def load_stats(path: str | os.PathLike[str] | Location) -> Stats:
             f"{json_path} has stats schema {found!r}; this version reads {STATS_SCHEMA!r}. "
             f"Re-run `pipeline stats` to rewrite it."
         )
+    fix = "Re-run `pipeline stats` (dvc repro), or `dvc checkout` it."
+    check_document(doc, STATS_DOCUMENT, json_path, fix)
+    names = doc["channel_names"]
+    for name in names:
+        check_document(doc["channels"], {name: CHANNEL}, json_path, fix)
+    if doc["arrays"]["path"] != STATS_ZARR:
+        raise StoreError(f"{json_path}: arrays.path must be {STATS_ZARR!r}. {fix}")
     arrays = json_path.parent / doc["arrays"]["path"]
     if not arrays.is_dir() or tree_sha256(arrays) != doc["arrays"]["sha256"]:
         raise StoreError(
@@ -155,7 +183,6 @@ def load_stats(path: str | os.PathLike[str] | Location) -> Stats:
             f"Re-run `pipeline stats` (or `dvc checkout`) to restore a matching pair."
         )
     group = zarr.open_group(arrays.zarr(), mode="r")
-    names = doc["channel_names"]
     per = doc["channels"]
     return Stats(
         mean=np.array([per[c]["mean"] for c in names], dtype=np.float64),

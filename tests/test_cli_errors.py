@@ -9,7 +9,9 @@ are formatted the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +121,14 @@ CASES = [
          ["--fail-on-drift", "nan", "finite"]),
     Case("audit-fail-on-drift-negative", None, ["audit", "--fail-on-drift", "-1"],
          ["--fail-on-drift", "-1.0", ">= 0"]),
+    Case("normalized-attribute-missing", None, ["verify", "{norm_missing}"],
+         ["cli-errors-norm_missing", "stats is missing"]),
+    Case("normalized-attribute-wrong-type", None, ["show", "{norm_typed}", "0"],
+         ["cli-errors-norm_typed", "splits.train is not a list"]),
+    Case("stats-json-wrong-type", None, ["export", "{stats_typed}"],
+         ["stats.json", "count.images is not an integer"]),
+    Case("source-file-of-several-GB", None, ["ingest", "{big_source}", "{tmp}/out"],
+         ["huge.png", "ingest.max_file_bytes"]),
     Case("verify-seed--1", None, ["verify", "{normalized}", "--sample", "2", "--seed", "-1"],
          ["--seed", "-1", "0..4294967295"]),
 ]
@@ -127,10 +137,37 @@ CASES = [
 @pytest.fixture(scope="module")
 def normalized(rgb8: Fitted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The placeholders of CASES: a normalized folder and its sample count."""
-    out = tmp_path_factory.mktemp("cli-errors") / "normalized"
+    # beside the prepared and stats folders: a store's lineage paths stay inside its parent
+    base = rgb8.prepared.parent
+    out = base / "cli-errors-normalized"
     run_normalize(rgb8.prepared, rgb8.stats, out, parse_params({}))
     n = len(rgb8.images)
-    return {"normalized": out, "n": n, "last": n - 1, "past": n + 1}
+    broken = {
+        "norm_missing": lambda a: a.pop("stats"),
+        "norm_typed": lambda a: a.update(splits={"train": "all", "val": [0, 0], "test": [0, 0]}),
+    }
+    places: dict[str, object] = {}
+    for name, edit in broken.items():
+        copy = base / f"cli-errors-{name}"
+        shutil.copytree(out, copy)
+        meta = copy / "images.zarr" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        edit(doc["attributes"])
+        meta.write_text(json.dumps(doc))
+        places[name] = copy
+    stats = base / "cli-errors-stats"
+    shutil.copytree(rgb8.stats, stats)
+    doc = json.loads((stats / "stats.json").read_text())
+    doc["count"]["images"] = "many"
+    (stats / "stats.json").write_text(json.dumps(doc))
+    big = base / "cli-errors-big-source"
+    (big / "cls").mkdir(parents=True)
+    with open(big / "cls" / "huge.png", "wb") as f:
+        f.truncate(3 * 2**30)  # a sparse 3 GiB file: no disk used, never read
+    return {
+        "normalized": out, "n": n, "last": n - 1, "past": n + 1, **places,
+        "stats_typed": stats, "big_source": big,
+    }
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
