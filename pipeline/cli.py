@@ -93,16 +93,10 @@ def sample(
     params: ParamsOption = None,
 ) -> None:
     """Build the embedded sample collection of real photos (from scikit-image) in OUT_DIR."""
-    from pipeline.location import parse_location
-    from pipeline.outputs import check_output, write_marker
-    from pipeline.publish import publish
-    from pipeline.sample import write_sample
+    from pipeline.sample import run_sample
 
     p = load_params(params).sample
-    check_output(out_dir, "sample", out_name="OUT_DIR")
-    with publish(parse_location(out_dir, "OUT_DIR")) as tmp:
-        n = write_sample(Path(tmp), seed=p.seed, images_per_class=p.images_per_class)
-        write_marker(tmp, "sample")
+    n = run_sample(out_dir, seed=p.seed, images_per_class=p.images_per_class)
     typer.echo(f"sample: wrote {n} images to {out_dir}")
 
 

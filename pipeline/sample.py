@@ -19,7 +19,7 @@ import numpy.typing as npt
 import skimage.data
 from PIL import Image, features
 
-__all__ = ["write_sample"]
+__all__ = ["run_sample", "write_sample"]
 
 #: Class folder -> the skimage.data loaders whose photographs it is cropped from.
 CLASS_SOURCES: dict[str, tuple[str, ...]] = {
@@ -192,3 +192,17 @@ def write_sample(out_dir: Path, *, seed: int = 0, images_per_class: int = 50) ->
             _save(image, path, variant, rng)
             written += 1
     return written
+
+
+def run_sample(out_dir: Path, *, seed: int = 0, images_per_class: int = 50) -> int:
+    """The ``sample`` stage: :func:`write_sample` published whole into ``out_dir``, with the
+    marker file that lets a later run replace it (and nothing else)."""
+    from pipeline.location import parse_location
+    from pipeline.outputs import check_output, write_marker
+    from pipeline.publish import publish
+
+    check_output(out_dir, "sample", out_name="OUT_DIR")
+    with publish(parse_location(out_dir, "OUT_DIR")) as tmp:
+        n = write_sample(Path(tmp), seed=seed, images_per_class=images_per_class)
+        write_marker(tmp, "sample")
+    return n
