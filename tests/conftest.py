@@ -19,12 +19,13 @@ pytest finds the fixtures here by itself. The plain names the test modules need 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,27 @@ MODES = (
 PER_IMAGE = ("per_image", "per_image_per_channel")
 H, W = 12, 10  # not square, so a transposed axis would show
 CHUNK, SHARD = 2, 4  # ingest.chunk_images / ingest.shard_images of the fixtures below
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (mount(8) syntax, e.g. ``2m``) at ``mnt``; skips the test where
+    mounting is not permitted (it needs root on Linux)."""
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount(8) to make a small tmpfs")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 # Commands that tests run with an environment copied at import time get a cache of their own,

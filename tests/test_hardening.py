@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from conftest import mounted_tmpfs
 from corpus import (
     CASES,
     CLASSES,
@@ -662,22 +663,8 @@ def test_failed_run_leaves_no_temporary_folder_while_tasks_are_in_flight(
 
 @pytest.fixture(scope="module")
 def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mnt = tmp_path_factory.mktemp("tmpfs")
-    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
-        pytest.skip("needs Linux mount(8) to make a small tmpfs")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path_factory.mktemp("tmpfs"), "2m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import mounted_tmpfs
 from test_incremental import (
     assert_identical,
     assert_stats_match_numpy,
@@ -323,23 +324,9 @@ def test_a_cache_others_can_write_is_refused_in_one_line(
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 64 kB tmpfs: big enough for the cache's first entries, too small for its packs."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("needs mount(8)")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    (tmp_path / "tiny").mkdir()
+    with mounted_tmpfs(tmp_path / "tiny", "64k") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def test_a_full_cache_disk_costs_only_time_and_leaves_no_temporary_files(
