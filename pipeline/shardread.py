@@ -154,6 +154,8 @@ class ShardReader:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"sample index out of range for {self.shape[0]} samples")
+        if len(rows) == 0:
+            return out
         flat = out.reshape(len(rows), -1).view(np.uint8)
         for s, off, a, count in self._runs(rows):
             self._pread(s, off, flat[a : a + count].reshape(-1))
