@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import zarr
 from pipeline.documents import HEX64, Maybe, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.location import Location, parse_location
+from pipeline.shardread import open_shard_reader
 from pipeline.statsfile import load_stats
 from pipeline.store import check_complete, check_image_shape, check_splits, read_array, sha256_file
 from pipeline.transform import (
@@ -53,8 +55,12 @@ class NormalizedDataset:
     def _open(self) -> dict[str, Any]:
         if self._arrays is None:
             group = zarr.open_group(self.path.zarr(), mode="r")
+            images = group["images"]
+            assert isinstance(images, zarr.Array)
+            local = self.path.local
             self._arrays = {
-                "images": group["images"],
+                "images": images,
+                "direct": open_shard_reader(images, None if local is None else local / "images"),
                 "labels": read_array(group, "label"),
                 "offset": read_array(group, "offset"),
                 "scale": read_array(group, "scale"),
@@ -75,19 +81,62 @@ class NormalizedDataset:
             raise IndexError(f"index {index} out of range for {n} samples")
         return self.start + (index % n)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def _rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Absolute store rows of view positions ``indices`` (negative ones count from the end)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"index {int(idx[bad][0])} out of range for {n} samples")
+        return self.start + (idx % n) if n else idx
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at view positions ``indices``, in that order, as one array.
+
+        (n, H, W, C), or (n, C, H, W) for a ``channels_first`` view. Each chunk the batch
+        needs is read once: uncompressed local stores straight from the shard files into the
+        batch (see :mod:`pipeline.shardread`), other layouts by one zarr selection.
+        """
+        rows = self._rows(indices)
         arrays = self._open()
-        i = self._absolute(int(index))
         try:
-            image = np.asarray(arrays["images"][i])
+            batch = self._read_rows(arrays, rows)
+        except (StoreError, IndexError):
+            raise
         except Exception as exc:  # zarr and the codecs raise many types for damaged shards
             raise StoreError(
-                f"cannot read sample {i} of {self.path}/images: {exc}. The store is damaged; "
+                f"cannot read samples of {self.path}/images: {exc}. The store is damaged; "
                 f"rebuild it (dvc repro) or `dvc checkout` it."
             ) from exc
         if self.channels_first:
-            image = np.ascontiguousarray(image.transpose(2, 0, 1))
-        return image, int(arrays["labels"][i])
+            batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        return batch
+
+    @staticmethod
+    def _read_rows(arrays: dict[str, Any], rows: np.ndarray) -> np.ndarray:
+        direct = arrays["direct"]
+        if direct is not None:
+            return direct.read(rows)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = np.asarray(arrays["images"].get_orthogonal_selection(unique))
+        return block if len(unique) == len(rows) and (unique == rows).all() else block[inverse]
+
+    def read_labels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The labels (int64, -1: no class) at view positions ``indices``."""
+        return self._open()["labels"][self._rows(indices)].astype(np.int64)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        i = self._absolute(int(index)) - self.start
+        return self.read([i])[0], int(self.read_labels([i])[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+        """PyTorch's batched fetch: the same ``(image, label)`` items as ``ds[i]`` per index.
+
+        The images are views into one batch read by :meth:`read`, so the default collate
+        stacks exactly the batch that per-item fetching gives.
+        """
+        batch, labels = self.read(indices), self.read_labels(indices)
+        return [(batch[k], int(labels[k])) for k in range(len(batch))]
 
     @property
     def labels(self) -> np.ndarray:

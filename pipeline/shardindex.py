@@ -17,35 +17,39 @@ import numpy as np
 
 from pipeline.errors import StoreError
 
-__all__ = ["EMPTY", "read_shard_index"]
+__all__ = ["EMPTY", "parse_shard_index", "read_shard_index"]
 
 EMPTY = 2**64 - 1  # index entry of a chunk that is not stored
 
 
-def read_shard_index(path: Path, chunks: int) -> np.ndarray:
-    """The (chunks, 2) uint64 index of the shard file ``path``, or StoreError naming the damage.
-
-    Every stored chunk must lie inside the file before the index; the index must pass its
-    CRC-32C.
-    """
+def parse_shard_index(tail: bytes, size: int, chunks: int, where: object) -> np.ndarray:
+    """The (chunks, 2) uint64 index from the last ``chunks * 16 + 4`` bytes of a shard file of
+    ``size`` bytes, or StoreError naming ``where``: the CRC-32C must match and every stored chunk
+    lie inside the file before the index."""
     index_bytes = chunks * 16
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < index_bytes + 4:
-                raise StoreError(f"{path} is truncated: {size} bytes, less than its shard index.")
-            f.seek(size - index_bytes - 4)
-            tail = f.read(index_bytes + 4)
-    except OSError as exc:
-        raise StoreError(f"cannot read the shard {path}: {exc.strerror or exc}") from exc
+    if size < index_bytes + 4 or len(tail) != index_bytes + 4:
+        raise StoreError(f"{where} is truncated: {size} bytes, less than its shard index.")
     raw, checksum = tail[:index_bytes], tail[index_bytes:]
     if google_crc32c.value(raw) != int.from_bytes(checksum, "little"):
         raise StoreError(
-            f"{path} is damaged or truncated: its shard index fails its CRC-32C check."
+            f"{where} is damaged or truncated: its shard index fails its CRC-32C check."
         )
     index = np.frombuffer(raw, dtype="<u8").reshape(chunks, 2)
     stored = ~((index[:, 0] == EMPTY) & (index[:, 1] == EMPTY))
     end = index[stored, 0].astype(object) + index[stored, 1].astype(object)
     if stored.any() and max(end) > size - index_bytes - 4:
-        raise StoreError(f"{path} is truncated: its index names bytes past the end of the file.")
+        raise StoreError(f"{where} is truncated: its index names bytes past the end of the file.")
     return index
+
+
+def read_shard_index(path: Path, chunks: int) -> np.ndarray:
+    """The (chunks, 2) uint64 index of the shard file ``path``, or StoreError naming the damage."""
+    index_bytes = chunks * 16 + 4
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - index_bytes))
+            tail = f.read(index_bytes)
+    except OSError as exc:
+        raise StoreError(f"cannot read the shard {path}: {exc.strerror or exc}") from exc
+    return parse_shard_index(tail, size, chunks, path)

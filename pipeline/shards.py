@@ -24,9 +24,10 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.metadata import ArrayV3Metadata
 
+from pipeline.shardindex import EMPTY
+
 __all__ = ["write_shard"]
 
-EMPTY = 2**64 - 1  # index entry of a chunk that is not stored
 
 
 def _plain_layout(array: zarr.Array) -> tuple[int, int] | None:

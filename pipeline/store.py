@@ -27,6 +27,7 @@ from pipeline.documents import HEX64, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.location import Location, parse_location
 from pipeline.shardindex import read_shard_index
+from pipeline.shardread import open_shard_reader
 
 __all__ = [
     "IMAGE_DIMS",
@@ -250,6 +251,9 @@ def _read(
 ) -> np.ndarray:
     try:
         array = zarr.open_array(images_path, mode="r")
+        direct = _direct_read(array, images_path, selection, reuse)
+        if direct is not None:
+            return direct
         if isinstance(selection, slice) and reuse:
             n = len(range(*selection.indices(array.shape[0])))
             buf = thread_buffer((n, *array.shape[1:]), array.dtype)
@@ -264,6 +268,29 @@ def _read(
             f"cannot read samples {shown} of {images_path}: {exc}. The store is damaged or "
             f"incomplete; re-run `pipeline ingest` (or `dvc checkout`)."
         ) from exc
+
+
+def _direct_read(
+    array: zarr.Array, images_path: str, selection: slice | np.ndarray, reuse: bool
+) -> np.ndarray | None:
+    """The samples read at their shard offsets (local plain layout), else None for zarr.
+
+    Measured by bench/bench_stats_read.py: zarr's whole-shard read copies each chunk twice
+    and held the stats pass at about 0.45x a plain 2-thread read; this one reads in place.
+    """
+    reader = open_shard_reader(array, parse_location(images_path).local)
+    if reader is None:
+        return None
+    if isinstance(selection, slice):
+        rows = np.arange(*selection.indices(array.shape[0]), dtype=np.int64)
+    else:
+        rows = selection
+    shape = (len(rows), *array.shape[1:])
+    out = thread_buffer(shape, array.dtype) if reuse else np.empty(shape, dtype=array.dtype)
+    try:
+        return reader.read_into(rows, out)
+    finally:
+        reader.close()
 
 
 def write_small_array(

@@ -387,6 +387,67 @@ def test_torch_dataloader(rgb8: Fitted, make: Make, workers: int, channels_first
     np.testing.assert_array_equal(np.concatenate(labels), rgb8.labels[start:stop])
 
 
+class PerItem:
+    """The same dataset without ``__getitems__``: DataLoader then fetches item by item."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[i]
+
+
+@pytest.mark.parametrize(("workers", "channels_first"), [(0, False), (2, True)])
+def test_shuffled_dataloader_batches_equal_per_item_fetching(
+    make: Make, workers: int, channels_first: bool
+) -> None:
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    folder = make("rgb8", "per_channel")
+    ds = open_normalized(folder, channels_first=channels_first)
+    kwargs: dict[str, Any] = {"timeout": 120} if workers else {}
+    batches = []
+    for dataset in (ds, PerItem(ds)):
+        torch.manual_seed(7)  # the same shuffle for both loaders
+        loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, **kwargs)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    fast, slow = batches
+    assert len(fast) == len(slow) >= 1
+    for (x, y), (x1, y1) in zip(fast, slow, strict=True):
+        assert x.dtype == x1.dtype
+        assert y.dtype == y1.dtype
+        assert x.shape == x1.shape
+        assert x.numpy().tobytes() == x1.numpy().tobytes()
+        assert torch.equal(y, y1)
+    assert sum(len(y) for _, y in fast) == len(ds)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_batched_read_equals_zarr(rgb8: Fitted, tmp_path: Path, codec: str) -> None:
+    # beside the prepared and stats folders: lineage paths stay inside the parent folder
+    folder = normalize(rgb8, rgb8.prepared.parent / f"n-{tmp_path.name}", "per_pixel", codec=codec)
+    data = stored(folder)
+    ds = open_normalized(folder)
+    rng = np.random.default_rng(3)
+    for idx in (rng.permutation(len(ds)), [5, 5, 0, -1], rng.integers(0, len(ds), 50)):
+        got = ds.read(idx)
+        assert got.tobytes() == data[np.asarray(idx) % len(ds)].tobytes()
+        np.testing.assert_array_equal(ds.read_labels(idx), rgb8.labels[np.asarray(idx) % len(ds)])
+        items = ds.__getitems__(list(idx))
+        assert [lab for _, lab in items] == rgb8.labels[np.asarray(idx) % len(ds)].tolist()
+    view = open_normalized(folder, channels_first=True).split("val")
+    a, b = rgb8.splits["val"]
+    got = view.read(np.arange(len(view))[::-1])
+    assert got.tobytes() == data[a:b][::-1].transpose(0, 3, 1, 2).copy().tobytes()
+    with pytest.raises(IndexError):
+        view.read([len(view)])
+    assert ds.read([]).shape == (0, H, W, 3)
+
+
 def test_importing_pipeline_does_not_import_torch(make: Make) -> None:
     folder = make("rgb8", "per_channel")
     code = (
