@@ -63,12 +63,18 @@ import pipeline.stats
 import pipeline.stats_kernel
 import pipeline.stats_numpy
 import pipeline.stats_stage
+from pipeline.digests import image_digests
 from pipeline.ingest import run_ingest
 from pipeline.params import Params, parse_params
 from pipeline.runner import resolve_scheduler
 from pipeline.stats import aggregate, block_moments, combine
 from pipeline.stats_stage import run_stats
-from pipeline.store import create_images_array, open_prepared
+from pipeline.store import (
+    create_images_array,
+    open_prepared,
+    prepared_fingerprint,
+    write_small_array,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -261,9 +267,16 @@ def build_store(template: Path, dest: Path, n: int, seed: int) -> None:
                                  fill_value=t.fill_value, attributes=dict(t.attrs))
         arr[:] = values
     shard = images.shards[0]
+    digests = []
     for a in range(0, n, shard):
         b = min(a + shard, n)
-        images[a:b] = make_images(a, b - a, seed)
+        block = make_images(a, b - a, seed)
+        images[a:b] = block
+        digests.append(image_digests(block))
+    crc = np.concatenate(digests)
+    write_small_array(group, "crc32c", crc, ("sample",))
+    fingerprint = prepared_fingerprint(attrs["manifest_sha256"], attrs["decode"], crc)
+    group.attrs["fingerprint"] = fingerprint
 
 
 def make_view(store: Path, dest: Path, n_train: int) -> Path:
