@@ -6,9 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 import unicodedata
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import tifffile
 import zarr
 from PIL import Image, ImageOps
+from test_images import png16
 
 from pipeline.cache import open_cache
 from pipeline.errors import BadImagesError, ParamsError, PipelineError
@@ -318,25 +317,6 @@ def _manifest(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
-def _png16(a: np.ndarray) -> bytes:
-    """A 16-bit RGB (colour type 2) or RGBA (6) PNG, chunks written by hand."""
-    h, w, c = a.shape
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
-    head = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", head)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + (chunk(b"IEND", b""))
-    )
-
-
 @pytest.mark.parametrize("bit_depth", [16, 8])
 def test_sixteen_bit_colour_tiff_exact_png_rejected(tmp_path: Path, bit_depth: int) -> None:
     rng = np.random.default_rng(11)
@@ -346,8 +326,8 @@ def test_sixteen_bit_colour_tiff_exact_png_rejected(tmp_path: Path, bit_depth: i
     rgba = rng.integers(0, 65536, (6, 5, 4), dtype=np.uint16)
     tifffile.imwrite(src / "a_rgb.tif", rgb, photometric="rgb")
     tifffile.imwrite(src / "b_rgba.tif", rgba, photometric="rgb")
-    (src / "c_rgb.png").write_bytes(_png16(rgb))
-    (src / "d_rgba.png").write_bytes(_png16(rgba))
+    (src / "c_rgb.png").write_bytes(png16(rgb))
+    (src / "d_rgba.png").write_bytes(png16(rgba))
     Image.fromarray(rgb[..., 0]).save(src / "e_gray.png")  # 16-bit gray: unchanged
     p = params(
         image_size=None,
