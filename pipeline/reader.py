@@ -99,7 +99,10 @@ class NormalizedDataset:
         """
         rows = self._rows(indices)
         arrays = self._open()
+        direct = arrays["direct"] if self.channels_first else None
         try:
+            if direct is not None:  # read and transpose in cache-sized parts
+                return np.asarray(direct.read_channels_first(rows))
             batch = self._read_rows(arrays, rows)
         except (StoreError, IndexError):
             raise

@@ -33,6 +33,9 @@ __all__ = ["ShardReader", "open_shard_reader"]
 
 _HINT = "The store is damaged or incomplete; rebuild it (dvc repro) or `dvc checkout` it."
 IOV_MAX = 1024  # the Linux limit on buffers per preadv call
+# Samples staged per step of read_channels_first: 8 float32 224x224x3 images are 4.8 MB, which
+# stay in cache between the read and the transposing copy.
+STAGE_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,24 @@ class ShardReader:
         """Samples ``rows`` as a new (len(rows), H, W, C) array."""
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         return self.read_into(rows, out)
+
+    def read_channels_first(self, rows: np.ndarray) -> np.ndarray:
+        """Samples ``rows`` of a (sample, y, x, channel) array as a new (n, C, H, W) array.
+
+        Reads a few samples at a time into a small staging buffer and transposes each part
+        into the output while it is still in cache, instead of reading the whole batch and
+        then transposing it (a second pass over memory). On 2 cores, 64 float32 224x224x3
+        samples (38.5 MB): 16.7 ms instead of 20-28 ms, bench/bench_loader.py.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        h, w, c = self.shape[1:]
+        out = np.empty((len(rows), c, h, w), dtype=self.dtype)
+        stage = np.empty((min(len(rows), STAGE_SAMPLES), h, w, c), dtype=self.dtype)
+        for a in range(0, len(rows), STAGE_SAMPLES):
+            part = rows[a : a + STAGE_SAMPLES]
+            self.read_into(part, stage[: len(part)])
+            np.copyto(out[a : a + len(part)], stage[: len(part)].transpose(0, 3, 1, 2))
+        return out
 
 
 def open_shard_reader(array: zarr.Array, array_dir: Path | None) -> ShardReader | None:

@@ -55,6 +55,27 @@ def test_reads_equal_zarr_in_any_order(tmp_path: Path, case: tuple) -> None:
     reader.close()
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_channels_first_reads_equal_transposed_zarr(tmp_path: Path, case: tuple) -> None:
+    n = case[0]
+    array, _ = make_store(tmp_path / "s.zarr", *case)
+    reader = open_shard_reader(array, tmp_path / "s.zarr" / "images")
+    assert reader is not None
+    oracle = np.asarray(zarr.open_array(tmp_path / "s.zarr" / "images", mode="r")[...])
+    rng = np.random.default_rng(1)
+    # more rows than one staging step, a repeated row, and an empty read
+    for rows in (rng.permutation(n), rng.integers(0, n, 3 * n), np.array([n - 1, n - 1])):
+        got = reader.read_channels_first(rows)
+        assert got.flags.c_contiguous
+        assert got.dtype == oracle.dtype
+        assert got.tobytes() == np.ascontiguousarray(oracle[rows].transpose(0, 3, 1, 2)).tobytes()
+    empty = reader.read_channels_first(np.array([], dtype=np.int64))
+    assert empty.shape == (0, oracle.shape[3], *oracle.shape[1:3])
+    with pytest.raises(IndexError):
+        reader.read_channels_first(np.array([n]))
+    reader.close()
+
+
 def test_compressed_and_remote_layouts_are_left_to_zarr(tmp_path: Path) -> None:
     array, data = make_store(tmp_path / "z.zarr", 9, (3, 3, 3), "uint8", 2, 4, codec="zstd")
     assert open_shard_reader(array, tmp_path / "z.zarr" / "images") is None
