@@ -277,12 +277,19 @@ class Row:
         return self.images / statistics.median(self.seconds) if self.seconds else float("nan")
 
 
-def make_rows(st: Stores, n: int, size: int, lit: Path | None) -> list[Row]:
-    """Every measured configuration, with its epoch function (None where the API is missing)."""
+def folder_dataset(st: Stores, size: int) -> Any:
+    """ImageFolder on the JPEGs, normalized with the fitted mean and std (in 0..1 units)."""
     stats = load_stats(st.stats)
+    return imagefolder(st.src, size, stats.mean / stats.pixel_max, stats.std / stats.pixel_max)
+
+
+def make_rows(st: Stores, n: int, folder: Any, lit: Path | None) -> list[Row]:
+    """Every measured configuration, with its epoch function (None where the API is missing)."""
     rows: list[Row] = [
         Row("plain read, float32 store shards (`np.fromfile`)", "limit", "limit", False, 0,
             lambda _r: n if plain_read(st.f32) >= 0 else 0),
+        Row("plain read, float32 store shards into one reused buffer (`readinto`)", "limit_r",
+            "limit", False, 0, lambda _r: n if plain_readinto(st.f32) >= 0 else 0),
         Row("plain read, float16 store shards", "limit16", "limit", False, 0,
             lambda _r: n if plain_read(st.f16) >= 0 else 0),
         Row("plain read, uint8 prepared store shards", "limit8", "limit", False, 0,
@@ -294,7 +301,6 @@ def make_rows(st: Stores, n: int, size: int, lit: Path | None) -> list[Row]:
         "float16": open_normalized(st.f16, channels_first=True),
         "onread": onread,
     }
-    folder = imagefolder(st.src, size, stats.mean / stats.pixel_max, stats.std / stats.pixel_max)
     for shuffle in (True, False):
         for workers in (0, 2):
             for group, ds in datasets.items():
@@ -356,6 +362,71 @@ def _onread_dataset(st: Stores) -> Any:
         return open_normalized(st.prepared, stats=st.stats, channels_first=True)  # type: ignore[call-arg]
     except TypeError:
         return None
+
+
+def plain_readinto(store: Path) -> int:
+    """The same bytes read into one reused buffer: no page faults on fresh memory."""
+    files = shard_files(store)
+    buf = np.empty(max(p.stat().st_size for p in files), dtype=np.uint8)
+    acc = 0
+    for p in files:
+        with p.open("rb", buffering=0) as f:
+            f.readinto(memoryview(buf)[: p.stat().st_size])
+        acc += int(buf[0])
+    return acc
+
+
+# --------------------------------------------------------------------------- where time goes
+
+
+def profile_steps(st: Stores, folder: Any, reps: int) -> list[tuple[str, float]]:
+    """Median ms per batch of 64 shuffled samples for each step of the float32 read path."""
+    import torch
+    from torch.utils.data import default_collate
+
+    ds = open_normalized(st.f32, channels_first=True)
+    hwc = open_normalized(st.f32)
+    direct = hwc._open()["direct"]
+    n = len(ds)
+    rng = np.random.default_rng(1)
+    batches = [rng.permutation(n)[:BATCH] for _ in range(max(8, reps * 4))]
+    reused = np.empty((BATCH, *direct.shape[1:]), dtype=direct.dtype)
+    items = ds.__getitems__(batches[0])
+    first = hwc.read(batches[0])
+    threads = torch.get_num_threads()
+
+    def collate(k: int) -> Callable[[np.ndarray], Any]:
+        def run(_b: np.ndarray) -> Any:
+            torch.set_num_threads(k)
+            try:
+                return default_collate(items)
+            finally:
+                torch.set_num_threads(threads)
+
+        return run
+
+    steps: list[tuple[str, Callable[[np.ndarray], Any]]] = [
+        ("read HWC into a new array (`ShardReader.read`)", direct.read),
+        ("read HWC into a reused array (`read_into`)", lambda b: direct.read_into(b, reused)),
+        ("transpose HWC -> CHW into a new array (`ascontiguousarray`)",
+         lambda _b: np.ascontiguousarray(first.transpose(0, 3, 1, 2))),
+        ("read CHW, staged (`read_channels_first`, what `ds.read` does)",
+         direct.read_channels_first),
+        ("`ds.__getitems__` (read CHW + labels)", ds.__getitems__),
+        (f"`default_collate` of those 64 items, torch threads {threads}", collate(threads)),
+        ("`default_collate` of those 64 items, torch threads 1", collate(1)),
+        ("ImageFolder: 64 x (JPEG decode + transforms)",
+         lambda b: [folder[int(i) % len(folder)] for i in b]),
+    ]
+    out = []
+    for name, fn in steps:
+        times = []
+        for b in batches:
+            t0 = time.perf_counter()
+            fn(b)
+            times.append(time.perf_counter() - t0)
+        out.append((name, statistics.median(times) * 1e3))
+    return out
 
 
 # --------------------------------------------------------------------------- memory
@@ -508,7 +579,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-batches", type=int, default=60,
                    help="batches per memory measurement (default 60)")
-    p.add_argument("--wait-idle", type=float, default=5.0, metavar="S",
+    p.add_argument("--wait-idle", type=float, default=2.0, metavar="S",
                    help="before each rep wait up to S s for other processes to go idle (0: off)")
     p.add_argument("--no-litdata", action="store_true", help="leave the LitData rows out")
     p.add_argument("--quick", action="store_true", help="smoke run: 640 images, 1 rep")
@@ -544,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             lit = work / "litdata"
             write_litdata(st.prepared, lit, args.n)
             log(f"LitData dataset written in {time.perf_counter() - t0:.0f} s")
-        rows = make_rows(st, args.n, args.size, lit)
+        folder = folder_dataset(st, args.size)
+        rows = make_rows(st, args.n, folder, lit)
         for r in rows:  # warm the page cache and every code path once
             if r.epoch is not None:
                 r.epoch(0)
@@ -557,6 +629,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 r.run(rep)
             log(f"rep {rep + 1}/{args.reps} done; loadavg "
                 f"{Path('/proc/loadavg').read_text().split()[:3]}")
+        log("profile ...")
+        idle.append(wait_idle(args.wait_idle))
+        steps = profile_steps(st, folder, args.reps)
         log("memory ...")
         mem = memory(st, work, args.mem_batches)
         results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -566,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "images_per_s": r.rate if r.seconds else None,
                         "foreign_load_cores": r.foreign} for r in rows]
     results["memory"] = mem
+    results["profile_ms_per_batch"] = steps
     results["idle_waits"] = idle
     results["targets"] = targets(rows, limit, mem)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -575,6 +651,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.size}x{args.size}, batch {BATCH}, median of {args.reps} interleaved reps; "
           + ", ".join(f"{k} {val}" for k, val in v.items()))
     print(table(rows, limit))
+    print(f"\n| step, float32 store, {BATCH} shuffled samples | ms per batch | images/s |"
+          "\n|---|---:|---:|")
+    for name, ms in steps:
+        print(f"| {name} | {ms:.1f} | {BATCH / ms * 1e3:,.0f} |")
     print("\n" + mem_table(mem))
     print("\n" + "\n".join(results["targets"]))
     print(f"\nloadavg start {results['loadavg_start']} end {results['loadavg_end']}")
