@@ -379,7 +379,7 @@ def plain_readinto(store: Path) -> int:
 # --------------------------------------------------------------------------- where time goes
 
 
-def profile_steps(st: Stores, folder: Any, reps: int) -> list[tuple[str, float]]:
+def profile_steps(st: Stores, folder: Any, reps: int) -> list[tuple[str, float, float]]:
     """Median ms per batch of 64 shuffled samples for each step of the float32 read path."""
     import torch
     from torch.utils.data import default_collate
@@ -406,6 +406,8 @@ def profile_steps(st: Stores, folder: Any, reps: int) -> list[tuple[str, float]]
         return run
 
     steps: list[tuple[str, Callable[[np.ndarray], Any]]] = [
+        ("ImageFolder: 64 x (JPEG decode + transforms), for scale",
+         lambda b: [folder[int(i) % len(folder)] for i in b]),
         ("read HWC into a new array (`ShardReader.read`)", direct.read),
         ("read HWC into a reused array (`read_into`)", lambda b: direct.read_into(b, reused)),
         ("transpose HWC -> CHW into a new array (`ascontiguousarray`)",
@@ -415,17 +417,15 @@ def profile_steps(st: Stores, folder: Any, reps: int) -> list[tuple[str, float]]
         ("`ds.__getitems__` (read CHW + labels)", ds.__getitems__),
         (f"`default_collate` of those 64 items, torch threads {threads}", collate(threads)),
         ("`default_collate` of those 64 items, torch threads 1", collate(1)),
-        ("ImageFolder: 64 x (JPEG decode + transforms)",
-         lambda b: [folder[int(i) % len(folder)] for i in b]),
     ]
     out = []
     for name, fn in steps:
-        times = []
+        times, foreign = [], []
         for b in batches:
-            t0 = time.perf_counter()
-            fn(b)
-            times.append(time.perf_counter() - t0)
-        out.append((name, statistics.median(times) * 1e3))
+            wall, load, _steal, _ = timed(lambda fn=fn, b=b: fn(b))
+            times.append(wall)
+            foreign.append(load)
+        out.append((name, statistics.median(times) * 1e3, statistics.median(foreign)))
     return out
 
 
@@ -651,10 +651,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.size}x{args.size}, batch {BATCH}, median of {args.reps} interleaved reps; "
           + ", ".join(f"{k} {val}" for k, val in v.items()))
     print(table(rows, limit))
-    print(f"\n| step, float32 store, {BATCH} shuffled samples | ms per batch | images/s |"
-          "\n|---|---:|---:|")
-    for name, ms in steps:
-        print(f"| {name} | {ms:.1f} | {BATCH / ms * 1e3:,.0f} |")
+    print(f"\n| step, float32 store, {BATCH} shuffled samples | ms per batch | images/s "
+          "| foreign load |\n|---|---:|---:|---:|")
+    for name, ms, load in steps:
+        print(f"| {name} | {ms:.1f} | {BATCH / ms * 1e3:,.0f} | {load:.2f} |")
     print("\n" + mem_table(mem))
     print("\n" + "\n".join(results["targets"]))
     print(f"\nloadavg start {results['loadavg_start']} end {results['loadavg_end']}")
