@@ -86,11 +86,13 @@ def _bad_option(option: str, value: object, allowed: str) -> PipelineError:
     return PipelineError(f"{option} is {value}; allowed: {allowed}.")
 
 
+# The global options of this invocation, set by main() before any command runs.
+_GLOBAL = {"params_prefix": ""}
+
+
 def _load(path: Path | None) -> Params:
     """load_params with the global --params-prefix."""
-    ctx = click.get_current_context(silent=True)
-    prefix = ctx.find_root().params.get("params_prefix") if ctx is not None else None
-    return load_params(path, prefix=prefix or "")
+    return load_params(path, prefix=_GLOBAL["params_prefix"])
 
 
 def _show_version(value: bool) -> None:
@@ -118,6 +120,7 @@ def main(
         typer.Option(
             "--params-prefix",
             metavar="PREFIX",
+            envvar="PIPELINE_PARAMS_PREFIX",
             help="Read the params sections PREFIXbase, PREFIXingest, ... (`pipeline init "
             "--prefix`).",
         ),
@@ -132,7 +135,7 @@ def main(
     """Dataset-versioned image normalization: DVC stages and tools."""
     from pipeline.params import parse_prefix
 
-    parse_prefix(params_prefix)
+    _GLOBAL["params_prefix"] = parse_prefix(params_prefix)
     if version_check is not None:
         from pipeline.project import check_version
 

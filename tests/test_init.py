@@ -269,7 +269,7 @@ def run_user_project(work: Path, env: dict[str, str], prefix: str) -> None:
     run(["dvc", "add", "data/images"], work, env)
     out = run(["dvc", "repro"], work, env)
     assert "Running stage 'train'" in out  # the user's own stage runs too
-    run(["pipeline", "verify", "data/normalized"], work, env)
+    run(["pipeline", "verify", "data/normalized"], work, {**env, "PIPELINE_PARAMS_PREFIX": prefix})
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], work, env, include_stderr=False))
     files = shown[""]["data"]
@@ -298,9 +298,12 @@ def run_user_project(work: Path, env: dict[str, str], prefix: str) -> None:
     assert open_normalized(work / "data" / "normalized").lineage["mode"] == "per_pixel"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("prefix", ["", "imgnorm_"], ids=["no-prefix", "prefix"])
+@pytest.mark.parametrize(
+    "prefix",
+    [pytest.param("", id="no-prefix"), pytest.param("imgnorm_", id="prefix", marks=pytest.mark.slow)],
+)
 def test_dvc_repro_in_the_users_project(tmp_path: Path, prefix: str) -> None:
     env = env_for(tmp_path)
-    work = user_repo(tmp_path)
+    # with a prefix, the user's own `base:` section (not ours) lives beside ours
+    work = user_repo(tmp_path, params=USER_PARAMS + ("base:\n  seed: 42\n" if prefix else ""))
     run_user_project(work, env, prefix)
