@@ -235,9 +235,8 @@ def test_version_check_upgrade_and_force(tmp_path: Path) -> None:
     assert (work / "dvc.yaml").read_text() == current  # only the versions changed back
 
     # --force rewrites our stages (here: one the user edited) and keeps theirs
-    edited = current.replace("            - data/prepared\n        params:\n            - base\n"
-                             "            - stats\n", "            - data/prepared\n        params:\n"
-                             "            - stats\n", 1)
+    theirs = "        params:\n            - base\n            - stats\n"
+    edited = current.replace(theirs, "        params:\n            - stats\n", 1)
     assert edited != current
     (work / "dvc.yaml").write_text(edited)
     assert pipeline(work, env, "init").returncode == 0
@@ -300,7 +299,10 @@ def run_user_project(work: Path, env: dict[str, str], prefix: str) -> None:
 
 @pytest.mark.parametrize(
     "prefix",
-    [pytest.param("", id="no-prefix"), pytest.param("imgnorm_", id="prefix", marks=pytest.mark.slow)],
+    [
+        pytest.param("", id="no-prefix"),
+        pytest.param("imgnorm_", id="prefix", marks=pytest.mark.slow),
+    ],
 )
 def test_dvc_repro_in_the_users_project(tmp_path: Path, prefix: str) -> None:
     env = env_for(tmp_path)
