@@ -247,7 +247,8 @@ def test_oracle_premise_store_holds_the_png_pixels(store: Prepared) -> None:
 
 def test_train_fit_matches_oracle(store: Prepared, reference: Path) -> None:
     check_against_oracle(reference, store, "train")
-    assert sorted(p.name for p in reference.iterdir()) == ["metrics.json", "stats.json", "stats.zarr"]
+    names = sorted(p.name for p in reference.iterdir())
+    assert names == ["metrics.json", "stats.json", "stats.zarr"]
 
 
 def test_metrics_file_holds_only_the_numbers_of_stats_json(reference: Path) -> None:
