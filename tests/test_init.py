@@ -309,3 +309,50 @@ def test_dvc_repro_in_the_users_project(tmp_path: Path, prefix: str) -> None:
     # with a prefix, the user's own `base:` section (not ours) lives beside ours
     work = user_repo(tmp_path, params=USER_PARAMS + ("base:\n  seed: 42\n" if prefix else ""))
     run_user_project(work, env, prefix)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("stages:\n", id="empty-stages"),
+        pytest.param("stages:\nplots:\n  - a.json\n", id="empty-stages-then-plots"),
+        pytest.param("plots:\n  - a.json\n", id="no-stages"),
+        pytest.param("# only a comment\n", id="comment-only"),
+        pytest.param("stages:\n  a:\n    cmd: echo a", id="no-final-newline"),
+        pytest.param("stages:\r\n  a:\r\n    cmd: echo a\r\n", id="crlf"),
+        pytest.param(
+            "vars:\n  - x: 1\nstages:\n  a:\n    cmd: echo a\n    # about a\n\n# trailer\n",
+            id="comments-after-the-last-stage",
+        ),
+        pytest.param(
+            "stages:\n  a:\n    cmd: >-\n      echo a\n      b\n  b:\n    cmd: 'echo b'\n",
+            id="folded-and-quoted-commands",
+        ),
+    ],
+)
+def test_merge_keeps_every_layout(text: str) -> None:
+    from pipeline.project import STAGE_NAMES, merge_dvc_yaml
+
+    merged, initialized = merge_dvc_yaml(text, "", force=False, upgrade=False)
+    assert not initialized
+    body = text if text.endswith("\n") else text + "\n"  # a final newline is added, nothing else
+    only_added(body, merged)
+    before = yaml.safe_load(text) or {}
+    after = yaml.safe_load(merged)
+    assert {k: v for k, v in after.items() if k != "stages"} == {
+        k: v for k, v in before.items() if k != "stages"
+    }
+    assert list(after["stages"]) == [*(before.get("stages") or {}), *STAGE_NAMES]
+    if "\r\n" in text:
+        assert "\n" not in merged.replace("\r\n", "")
+    again, initialized = merge_dvc_yaml(merged, "", force=False, upgrade=False)
+    assert initialized
+    assert again == merged
+
+
+def test_a_flow_style_stages_mapping_is_refused() -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.project import merge_dvc_yaml
+
+    with pytest.raises(PipelineError, match="block"):
+        merge_dvc_yaml("stages: {a: {cmd: echo}}\n", "", force=False, upgrade=False)
