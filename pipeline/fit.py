@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.export import check_export, export_constants
 from pipeline.ingest import run_ingest
 from pipeline.params import Params
@@ -44,8 +45,12 @@ def fit_folder(
     check_export(fmt, mode)  # before any work
     with tempfile.TemporaryDirectory(prefix="pipeline-fit-", ignore_cleanup_errors=True) as tmp:
         prepared, stats_dir = Path(tmp) / "prepared", Path(tmp) / "stats"
-        ingested = run_ingest(folder, prepared, params, progress=progress)
-        run_stats(prepared / "images.zarr", stats_dir, params, progress=progress)
+        try:
+            ingested = run_ingest(folder, prepared, params, progress=progress)
+            run_stats(prepared / "images.zarr", stats_dir, params, progress=progress)
+        except PipelineError as exc:  # name the folder, not the temporary store made from it
+            message = str(exc).replace(str(prepared / "images.zarr"), f"the images of {folder}")
+            raise PipelineError(message) from exc
         stats = load_stats(stats_dir)
         text = export_constants(stats, fmt, mode)
     return FitOutput(

@@ -168,3 +168,12 @@ def test_ctrl_c_removes_the_temporary_folder(tmp_path: Path) -> None:
     # start, may print their own tracebacks above it (the stages do the same).
     assert err.strip().splitlines()[-1] == "interrupted"
     assert list(temp.iterdir()) == []
+
+
+def test_an_empty_split_names_the_folder_not_a_temporary_path(folder: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS + "  split:\n    val: 0.0\n    test: 0.0\n")
+    result = runner.invoke(app, ["fit", str(folder), "--split", "val", "--params", str(params)])
+    assert result.exit_code == 1
+    assert f"the images of {folder}" in result.stderr
+    assert "pipeline-fit-" not in result.stderr
