@@ -472,9 +472,8 @@ def init(
         typer.Option(help="Set the version in this tool's stage commands to the installed one."),
     ] = False,
 ) -> None:
-    """Add the ingest, stats, normalize and report stages to the DVC project here (dvc.yaml),
-    their params sections (params.yaml) and .gitignore lines; runs `dvc init` when needed.
-    Merges, never overwrites: a stage or section of the same name that is not ours is an error."""
+    """Add the stages, params sections and .gitignore lines to the git + DVC project here
+    (merged, never overwritten; runs dvc init when needed)."""
     from pipeline.project import init_project
 
     result = init_project(Path.cwd(), source=source, prefix=prefix, force=force, upgrade=upgrade)
@@ -517,9 +516,7 @@ def fit(
     ),
     params: ParamsOption = None,
 ) -> None:
-    """Exact mean and std of an image folder, without a DVC project: the constants ready to
-    paste and the data fingerprint they belong to. Decodes with the params of params.yaml here
-    (or the defaults); leaves nothing behind but the cache."""
+    """Exact mean and std of an image folder, ready to paste, without a DVC project."""
     from pipeline.fit import fit_folder
 
     p = _fit_params(_load(params), split, image_size)
