@@ -356,3 +356,15 @@ def test_a_flow_style_stages_mapping_is_refused() -> None:
 
     with pytest.raises(PipelineError, match="block"):
         merge_dvc_yaml("stages: {a: {cmd: echo}}\n", "", force=False, upgrade=False)
+
+
+def test_init_in_a_repository_that_already_uses_dvc(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    work = user_repo(tmp_path)
+    run(["dvc", "init", "-q"], work, env)
+    config = (work / ".dvc" / "config").read_bytes()
+    proc = pipeline(work, env, "init")
+    assert proc.returncode == 0, proc.stderr
+    assert "dvc init" not in proc.stdout
+    assert (work / ".dvc" / "config").read_bytes() == config
+    assert "ingest" in yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
