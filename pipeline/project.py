@@ -397,8 +397,8 @@ def merge_dvc_yaml(
         shown = ", ".join(repr(p) for p in sorted(prefixes))
         raise PipelineError(
             f"dvc.yaml has this tool's stages with --params-prefix {shown}, not {prefix!r}; run "
-            f"`pipeline init` with that prefix, or `--force` to rewrite the stages (then move "
-            f"the params sections by hand)."
+            f"`pipeline init` with that prefix, or `--force` to rewrite the stages (the "
+            f"sections with the new prefix are added at their defaults; move your values)."
         )
     versions = sorted({m["version"] for m in ours.values()} - {__version__})
     if versions and not (upgrade or force):
