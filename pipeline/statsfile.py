@@ -70,10 +70,9 @@ def compact_metrics(doc: dict[str, Any]) -> dict[str, Any]:
         "images": count["images"],
         "pixels_per_channel": count["pixels_per_channel"],
         "prepared_images": count["prepared_images"],
-        "global": {"mean": doc["global"]["mean"], "std": doc["global"]["std"]},
     }
     for name, ch in doc["channels"].items():
-        split[name] = {key: ch[key] for key in ("mean", "std", "min", "max", "mean_01", "std_01")}
+        split[name] = {key: ch[key] for key in ("mean", "std", "min", "max")}
     return {doc["fit_split"]: split}
 
 
