@@ -295,6 +295,11 @@ def run_user_project(work: Path, env: dict[str, str], prefix: str) -> None:
     from pipeline import open_normalized
 
     assert open_normalized(work / "data" / "normalized").lineage["mode"] == "per_pixel"
+    shown = run(["dvc", "exp", "show", "--csv"], work, env, include_stderr=False)
+    header = shown.splitlines()[0].split(",")
+    assert "train.R.mean" in header
+    assert f"{prefix}normalize.mode" in header
+    assert not [h for h in header if "sha256" in h or h.startswith(("arrays", "channels."))]
 
 
 @pytest.mark.parametrize(
