@@ -334,32 +334,40 @@ def _iterator_epoch(ds: Any, shuffle: bool, workers: int) -> Callable[[int], int
     """The ``ds.batches`` iterator (0 workers) or its batch sampler in a DataLoader."""
     if ds is None or not hasattr(ds, "batches"):
         return None
-    sampler_cls = _batch_sampler_class()
-    if workers and sampler_cls is None:
+    if workers and make_batch_sampler(ds, shuffle) is None:
         return None
 
     def epoch(rep: int) -> int:
         if not workers:
             return count(ds.batches(BATCH, shuffle=shuffle, seed=0, epoch=rep))
-        sampler = sampler_cls(ds, BATCH, shuffle=shuffle, seed=0)  # type: ignore[misc]
+        sampler = make_batch_sampler(ds, shuffle)
         sampler.set_epoch(rep)
         return count(torch_loader(ds, shuffle, workers, batch_sampler=sampler))
 
     return epoch
 
 
-def _batch_sampler_class() -> Any:
+def make_batch_sampler(ds: Any, shuffle: bool) -> Any:
+    """pipeline.batches' batch sampler (index lists, ``set_epoch``) for ``ds``, or None."""
     try:
         import pipeline.batches as batches
     except ImportError:
         return None
-    return getattr(batches, "BatchSampler", None)
+    kinds = [getattr(batches, name) for name in getattr(batches, "__all__", dir(batches))]
+    for cls in kinds:
+        if isinstance(cls, type) and hasattr(cls, "set_epoch") and hasattr(cls, "__len__"):
+            with contextlib.suppress(TypeError):
+                return cls(ds, BATCH, shuffle=shuffle, seed=0)
+            with contextlib.suppress(TypeError):
+                return cls(ds, batch_size=BATCH, shuffle=shuffle, seed=0)
+    return None
 
 
 def _onread_dataset(st: Stores) -> Any:
     """``open_normalized`` on the prepared store + stats, or None before normalize-on-read."""
     try:
-        return open_normalized(st.prepared, stats=st.stats, channels_first=True)  # type: ignore[call-arg]
+        return open_normalized(st.prepared, stats=st.stats,  # type: ignore[call-arg]
+                               mode="per_channel", dtype="float32", channels_first=True)
     except TypeError:
         return None
 
