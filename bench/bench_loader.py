@@ -625,9 +625,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             log(f"LitData dataset written in {time.perf_counter() - t0:.0f} s")
         folder = folder_dataset(st, args.size)
         rows = make_rows(st, args.n, folder, lit)
-        for r in rows:  # warm the page cache and every code path once
-            if r.epoch is not None:
-                r.epoch(0)
+        for folder_path in (st.src, lit):  # warm the page cache: the sources, then the stores
+            for f in [] if folder_path is None else sorted(folder_path.rglob("*")):
+                if f.is_file():
+                    f.read_bytes()
+        for r in rows:
+            if r.kind == "limit":
+                r.epoch(0)  # type: ignore[misc]
         idle = []
         for rep in range(args.reps):
             for r in rows:
