@@ -349,6 +349,8 @@ def _iterator_epoch(ds: Any, shuffle: bool, workers: int) -> Callable[[int], int
 
 def make_batch_sampler(ds: Any, shuffle: bool) -> Any:
     """pipeline.batches' batch sampler (index lists, ``set_epoch``) for ``ds``, or None."""
+    if callable(getattr(ds, "batch_sampler", None)):
+        return ds.batch_sampler(BATCH, shuffle=shuffle, seed=0)
     try:
         import pipeline.batches as batches
     except ImportError:
