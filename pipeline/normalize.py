@@ -13,7 +13,7 @@ import zarr
 
 from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
-from pipeline.lineage import git_revision, library_versions
+from pipeline.lineage import FORMULA, NORMALIZED_SCHEMA, git_revision, normalized_lineage
 from pipeline.location import Location, parse_location
 from pipeline.outputs import check_output
 from pipeline.params import Params
@@ -22,29 +22,16 @@ from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.shards import write_shard
 from pipeline.stagecode import stage_code_sha256
-from pipeline.statsfile import Stats, load_stats
+from pipeline.statsfile import load_stats
 from pipeline.store import (
     create_images_array,
     open_prepared,
     read_samples,
     write_small_array,
 )
-from pipeline.transform import (
-    PER_IMAGE_MODES,
-    Constants,
-    apply,
-    dataset_constants,
-    per_image_constants,
-)
+from pipeline.transform import PER_IMAGE_MODES, Constants, Normalization, dataset_constants
 
 __all__ = ["FORMULA", "NORMALIZED_SCHEMA", "expected_block", "run_normalize"]
-
-from pipeline.reader import NORMALIZED_SCHEMA
-
-FORMULA = (
-    "y = dtype(((x / d) - offset) / scale), evaluated in float64 and rounded once; "
-    "d = 1 for input_scale pixel, pixel_max for unit; x = round((y * scale + offset) * d)"
-)
 
 
 def expected_block(
@@ -56,10 +43,8 @@ def expected_block(
     dtype: str,
 ) -> tuple[np.ndarray, Constants]:
     """Normalize one block of a prepared store; per-image modes compute their own constants."""
-    if mode in PER_IMAGE_MODES:
-        constants = per_image_constants(block, mode, eps, divisor)
-    assert constants is not None
-    return apply(block, constants, dtype), constants
+    how = Normalization(mode=mode, constants=constants, eps=eps, divisor=divisor, dtype=dtype)
+    return how.block(block)
 
 
 def _normalize_shard(
@@ -200,59 +185,13 @@ def run_normalize(
             dims = ("y", "x", "channel") if constants.offset.ndim == 3 else ("channel",)
             write_small_array(group, "offset", constants.offset, dims)
             write_small_array(group, "scale", constants.scale, dims)
-        lineage = _lineage(params, stats, store.attrs, constants, divisor, prepared, final_store)
+        paths = (
+            _relative(stats.path / "stats.json", final_store),
+            _relative(prepared / "images.zarr", final_store),
+        )
+        code = stage_code_sha256("normalize")
+        lineage = normalized_lineage(np_, stats, store.attrs, constants, paths, code)
+        if np_.record_git_revision:
+            lineage["git"] = git_revision(Path.cwd())
         group.attrs.update(lineage)
-    return lineage
-
-
-def _lineage(
-    params: Params,
-    stats: Stats,
-    prepared_attrs: Any,
-    constants: Constants | None,
-    divisor: float,
-    prepared: Location,
-    final_store: Location,
-) -> dict[str, Any]:
-    """Plain-JSON attributes: how the store was made (DESIGN.md invariant 8)."""
-    np_ = params.normalize
-    small = constants is not None and constants.offset.ndim == 1
-    lineage: dict[str, Any] = {
-        "schema": NORMALIZED_SCHEMA,
-        "mode": np_.mode,
-        "eps": np_.eps,
-        "dtype": np_.dtype,
-        "input_scale": np_.input_scale,
-        "divisor": divisor,
-        "formula": FORMULA,
-        "constants": {
-            "offset": constants.offset.tolist() if small and constants else None,
-            "scale": constants.scale.tolist() if small and constants else None,
-            "arrays": "offset and scale arrays in this group",
-        },
-        "channel_names": stats.channels,
-        "pixel_max": stats.pixel_max,
-        "classes": prepared_attrs["classes"],
-        "splits": prepared_attrs["splits"],
-        "stats": {
-            "path": _relative(stats.path / "stats.json", final_store),
-            "sha256": stats.sha256,
-            "fit_split": stats.fit_split,
-            "count": stats.count,
-            "mean": stats.mean.tolist(),
-            "std": stats.std.tolist(),
-            "params": stats.doc.get("params", {}),
-        },
-        "prepared": {
-            "path": _relative(prepared / "images.zarr", final_store),
-            "fingerprint": prepared_attrs["fingerprint"],
-            "decode": prepared_attrs["decode"],
-            "versions": prepared_attrs["versions"],
-        },
-        "params": {"normalize": {k: v for k, v in vars(np_).items()}},
-        "versions": library_versions(),
-        "code_sha256": stage_code_sha256("normalize"),  # the files dvc.yaml lists as its deps
-    }
-    if np_.record_git_revision:
-        lineage["git"] = git_revision(Path.cwd())
     return lineage
