@@ -29,7 +29,13 @@ from pipeline.store import (
     read_samples,
     write_small_array,
 )
-from pipeline.transform import PER_IMAGE_MODES, Constants, Normalization, dataset_constants
+from pipeline.transform import (
+    PER_IMAGE_MODES,
+    Constants,
+    Normalization,
+    dataset_constants,
+    per_image_constants,
+)
 
 __all__ = ["FORMULA", "NORMALIZED_SCHEMA", "expected_block", "run_normalize"]
 
@@ -49,23 +55,25 @@ def expected_block(
 
 def _normalize_shard(
     src: str,
-    dst: Location,
+    dst: Location | None,
     start: int,
     stop: int,
     digests: np.ndarray,
-    mode: str,
-    constants: Constants | None,
-    eps: float,
-    divisor: float,
-    dtype: str,
+    how: Normalization,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Read samples [start, stop), check them against the digests ingest recorded, normalize,
-    and write them as one whole output shard."""
+    and write them as one whole output shard (``dst`` None, a lineage-only store: no values
+    are written, and only the per-image modes compute their constants)."""
     block = read_samples(src, start, stop)
     check_digests(block, digests, start, src)
-    out, used = expected_block(block, mode, constants, eps, divisor, dtype)
+    if dst is None:
+        if how.mode not in PER_IMAGE_MODES:
+            return None
+        used = per_image_constants(block, how.mode, how.eps, how.divisor)
+        return used.offset, used.scale
+    out, used = expected_block(block, how.mode, how.constants, how.eps, how.divisor, how.dtype)
     write_shard(zarr.open_array(dst.zarr(), mode="r+"), dst.local, start, out)
-    return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
+    return (used.offset, used.scale) if how.mode in PER_IMAGE_MODES else None
 
 
 def _relative(target: Location, start: Location) -> str:
@@ -141,28 +149,30 @@ def run_normalize(
     final_store = dest / "images.zarr"
     with publish(dest) as tmp:
         group = zarr.open_group((tmp / "images.zarr").zarr(), mode="w")
-        create_images_array(
-            group,
-            "images",
-            shape=(n, h, w, c),
-            dtype=np_.dtype,
-            chunk_images=images.chunks[0],
-            shard_images=shard,
-            codec=np_.codec,
-            codec_level=np_.codec_level,
+        values: Location | None = None  # lineage: no images array, values computed on read
+        if np_.store == "float":
+            values = tmp / "images.zarr" / "images"
+            create_images_array(
+                group,
+                "images",
+                shape=(n, h, w, c),
+                dtype=np_.dtype,
+                chunk_images=images.chunks[0],
+                shard_images=shard,
+                codec=np_.codec,
+                codec_level=np_.codec_level,
+            )
+        how = Normalization(
+            mode=np_.mode, constants=constants, eps=np_.eps, divisor=divisor, dtype=np_.dtype
         )
         tasks = [
             dask.delayed(_normalize_shard, pure=True)(
                 (store.path.resolve() / "images").zarr(),
-                tmp / "images.zarr" / "images",
+                values,
                 a,
                 min(a + shard, n),
                 store.digests[a : a + shard],
-                np_.mode,
-                constants,
-                np_.eps,
-                divisor,
-                np_.dtype,
+                how,
             )
             for a in range(0, n, shard)
         ]

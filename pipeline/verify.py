@@ -24,7 +24,7 @@ from pipeline.images import DecodeError, decode_image
 from pipeline.location import Location, parse_location
 from pipeline.normalize import expected_block
 from pipeline.params import BaseParams, IngestParams
-from pipeline.reader import check_lineage, lineage_target, normalized_store_path
+from pipeline.reader import check_lineage, lineage_only, lineage_target, normalized_store_path
 from pipeline.runner import run_tasks
 from pipeline.statsfile import load_stats
 from pipeline.store import PREPARED_SCHEMA, PreparedStore, open_prepared, read_samples
@@ -85,13 +85,13 @@ def _check_block(
         return list(indices), []
     wanted = np.asarray(indices) - start
     changed = [int(i) for i in np.asarray(indices)[image_digests(raw[wanted]) != digests]]
-    if how is None or stored is None:
-        return [], changed
+    if how is None or (stored is None and how.mode not in PER_IMAGE_MODES):
+        return [], changed  # a lineage-only store of a dataset mode: its values are on read
     want, used = expected_block(raw, how.mode, how.constants, how.eps, how.divisor, how.dtype)
     bad = []
     for i in indices:
         k = i - start
-        same = np.array_equal(want[k], stored[k], equal_nan=True)
+        same = stored is None or np.array_equal(want[k], stored[k], equal_nan=True)
         if how.mode in PER_IMAGE_MODES and offset is not None and scale is not None:
             same = same and np.array_equal(used.offset[k], offset[i])
             same = same and np.array_equal(used.scale[k], scale[i])
@@ -260,10 +260,11 @@ def verify_store(
         opened = _open_normalized(normalized, report)
         if opened is None:
             return report
-        _, store, how, arrays = opened
+        attrs, store, how, arrays = opened
         n = int(store.images.shape[0])
         chosen = _chosen(n, sample, seed)
-        _check_samples(report, store, normalized, how, arrays, chosen, base)
+        values = None if lineage_only(attrs) else normalized  # lineage: no stored values
+        _check_samples(report, store, values, how, arrays, chosen, base)
     if source is not None and decode > 0:
         _redecode(report, store, parse_location(source, "--source"), decode, seed)
     return report

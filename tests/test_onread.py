@@ -20,7 +20,7 @@ from conftest import MODES, PER_IMAGE, Fitted, assert_bits_equal, oracle_dataset
 from pipeline.errors import StoreError
 from pipeline.normalize import run_normalize
 from pipeline.params import parse_params
-from pipeline.reader import NormalizedDataset, open_normalized
+from pipeline.reader import open_normalized
 
 DTYPES = ("float32", "float16")
 SCALES = ("pixel", "unit")
@@ -86,3 +86,132 @@ def test_on_read_equals_the_float_store_bit_for_bit(
     assert_near(stored, oracle(fx, mode, scale), dtype)
     assert_bits_equal(ds[3][0], stored[3])
     assert ds[3][1] == int(fx.labels[3])
+
+
+# --- a lineage-only normalized store (normalize.store: lineage) --------------------------------
+
+
+def project(fx: Fitted, tmp: Path, mode: str, dtype: str = "float32") -> Path:
+    """A data/ folder with copies of prepared and stats, and a lineage-only normalized store."""
+    data = tmp / "data"
+    shutil.copytree(fx.prepared, data / "prepared")
+    shutil.copytree(fx.stats, data / "stats")
+    copy = Fitted(**{**vars(fx), "prepared": data / "prepared", "stats": data / "stats"})
+    normalize(copy, data / "normalized", mode, dtype, "pixel", "lineage")
+    return data
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lineage_store_opens_like_the_float_store(rgb8: Fitted, mode: str, tmp_path: Path) -> None:
+    data = project(rgb8, tmp_path, mode)
+    assert not (data / "normalized" / "images.zarr" / "images").exists()  # no float copy
+    float_out = normalize(rgb8, tmp_path / "float", mode, "float32", "pixel", "float")
+    want = open_normalized(float_out, channels_first=True, allow_outside=True)
+    got = open_normalized(data / "normalized", channels_first=True)
+    assert got.on_read is not None
+    assert want.on_read is None
+    for name in ("train", "val", "test"):
+        a, b = got.split(name), want.split(name)
+        assert (len(a), a.start) == (len(b), b.start)
+        idx = list(range(len(a)))[::-1]
+        assert_bits_equal(a.read(idx), b.read(idx))
+        items, wanted = a.__getitems__(idx), b.__getitems__(idx)
+        assert [lab for _, lab in items] == [lab for _, lab in wanted]
+        for (x, _), (y, _) in zip(items, wanted, strict=True):
+            assert_bits_equal(x, y)
+        assert_bits_equal(a.labels, b.labels)
+    x0 = got[0][0]
+    assert x0.shape == (rgb8.images.shape[3], *rgb8.images.shape[1:3])  # (C, H, W)
+    back = got.denormalize(x0, index=0)
+    assert_bits_equal(back, want.denormalize(want[0][0], index=0))
+    if mode not in ("mean_only",):  # float32 round trip is exact for these small images
+        assert_bits_equal(np.moveaxis(back, 0, -1), rgb8.images[0])
+    # the on-read view of the prepared store (channels last) denormalizes alike
+    direct = open_normalized(rgb8.prepared, stats=rgb8.stats, mode=mode)
+    want_back = np.moveaxis(want.denormalize(want[5][0], index=5), 0, -1)
+    assert_bits_equal(direct.denormalize(direct[5][0], index=5), want_back)
+
+
+def _without(lineage: dict[str, Any]) -> dict[str, Any]:
+    """A lineage minus what necessarily differs between a float store and an on-read view."""
+    out = json.loads(json.dumps(lineage))
+    for key in ("store",):
+        out.pop(key)
+    out["stats"].pop("path")
+    out["prepared"].pop("path")
+    out["params"]["normalize"].pop("store")
+    return out
+
+
+def test_lineage_dicts_match_but_for_paths_and_store(rgb8: Fitted, tmp_path: Path) -> None:
+    float_out = normalize(rgb8, tmp_path / "float", "per_pixel", "float16", "unit", "float")
+    want = open_normalized(float_out, allow_outside=True).lineage
+    direct = open_normalized(
+        rgb8.prepared, stats=rgb8.stats, mode="per_pixel", dtype="float16", input_scale="unit"
+    ).lineage
+    assert _without(direct) == _without(want)
+    assert direct["params"]["normalize"]["store"] == "lineage"
+    assert direct["prepared"]["path"] == "."
+    data = project(rgb8, tmp_path, "per_pixel", "float16")
+    stored = open_normalized(data / "normalized").lineage
+    assert stored["params"]["normalize"]["store"] == "lineage"
+    assert stored["prepared"]["path"] == "../../prepared/images.zarr"
+
+
+def test_lineage_store_refuses_replaced_stats(rgb8: Fitted, tmp_path: Path) -> None:
+    data = project(rgb8, tmp_path, "per_channel")
+    stats_json = data / "stats" / "stats.json"
+    doc = json.loads(stats_json.read_text())
+    stats_json.write_text(json.dumps(doc, indent=1))  # same numbers, other bytes
+    with pytest.raises(StoreError, match="stats sha256") as caught:
+        open_normalized(data / "normalized")
+    assert "\n" not in str(caught.value)
+
+
+def test_edited_prepared_pixel_is_refused_when_read(rgb8: Fitted, tmp_path: Path) -> None:
+    data = project(rgb8, tmp_path, "per_channel")
+    shard = data / "prepared" / "images.zarr" / "images" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[0] ^= 0xFF  # the first pixel of sample 0 (chunk 0 starts the uncompressed shard)
+    shard.write_bytes(bytes(raw))
+    for ds in (
+        open_normalized(data / "normalized"),
+        open_normalized(data / "prepared", stats=data / "stats"),
+    ):
+        assert_bits_equal(ds.read([1, 2]), ds.read([1, 2]))  # other samples still read
+        with pytest.raises(StoreError, match=r"sample\(s\) 0 do not match the digests") as e:
+            ds.read([3, 0])
+        assert "\n" not in str(e.value)
+
+
+def test_stats_of_other_data_are_refused(rgb8: Fitted, gray16: Fitted) -> None:
+    with pytest.raises(StoreError, match="fitted on other data"):
+        open_normalized(rgb8.prepared, stats=gray16.stats)
+    with pytest.raises(StoreError, match="pass stats="):
+        open_normalized(rgb8.prepared)
+
+
+def test_on_read_reads_4x_and_2x_fewer_bytes(rgb8: Fitted, tmp_path: Path) -> None:
+    def shard_bytes(images_dir: Path) -> int:
+        return sum(f.stat().st_size for f in (images_dir / "c").rglob("*") if f.is_file())
+
+    prepared = shard_bytes(rgb8.prepared / "images.zarr" / "images")
+    ds = open_normalized(rgb8.prepared, stats=rgb8.stats)
+    direct = ds._open()["direct"]
+    assert direct is not None  # uncompressed: read straight from the shard files
+    assert direct.sample_bytes == int(np.prod(rgb8.images.shape[1:]))  # one byte per value
+    for dtype, factor in (("float32", 4), ("float16", 2)):
+        out = normalize(rgb8, tmp_path / dtype, "per_channel", dtype, "pixel", "float")
+        floats = shard_bytes(out / "images.zarr" / "images")
+        index = 16 * (len(rgb8.images) // 2 + 1) + 4 * 8  # per-shard indexes: a few bytes
+        assert abs(floats - factor * prepared) <= factor * index
+
+
+def test_verify_accepts_a_lineage_store(rgb8: Fitted, tmp_path: Path) -> None:
+    from pipeline.verify import verify_store
+
+    for mode in ("per_channel", "per_image"):
+        data = project(rgb8, tmp_path / mode, mode)
+        report = verify_store(data / "normalized")
+        assert report.ok, report.problems
+        assert report.checked == len(rgb8.images)
