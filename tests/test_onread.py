@@ -215,3 +215,26 @@ def test_verify_accepts_a_lineage_store(rgb8: Fitted, tmp_path: Path) -> None:
         report = verify_store(data / "normalized")
         assert report.ok, report.problems
         assert report.checked == len(rgb8.images)
+
+
+def test_dvc_experiment_with_a_lineage_store(tmp_path: Path) -> None:
+    from conftest import make_dvc_repo, run
+
+    made = make_dvc_repo(
+        tmp_path, {"sample": {"images_per_class": 2}, "ingest": {"image_size": [16, 16]}}
+    )
+    work, env = made.work, made.env
+    run(["dvc", "repro"], work, env)
+    want = open_normalized(work / "data" / "normalized")
+    everything = list(range(len(want)))
+    floats = want.read(everything)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "baseline"], work, env)
+    out = run(["dvc", "exp", "run", "-S", "normalize.store=lineage"], work, env)
+    assert "Running stage 'normalize'" in out
+    assert "Running stage 'ingest'" not in out
+    assert not (work / "data" / "normalized" / "images.zarr" / "images").exists()
+    got = open_normalized(work / "data" / "normalized")
+    assert got.on_read is not None
+    assert_bits_equal(got.read(everything), floats)
+    assert "checks out" in run(["pipeline", "verify", "data/normalized"], work, env)
