@@ -238,3 +238,30 @@ def test_dvc_experiment_with_a_lineage_store(tmp_path: Path) -> None:
     assert got.on_read is not None
     assert_bits_equal(got.read(everything), floats)
     assert "checks out" in run(["pipeline", "verify", "data/normalized"], work, env)
+
+
+def test_a_replaced_prepared_store_is_refused_when_opened(
+    rgb8: Fitted, gray16: Fitted, tmp_path: Path
+) -> None:
+    data = project(rgb8, tmp_path, "per_channel")
+    shutil.rmtree(data / "prepared")
+    shutil.copytree(gray16.prepared, data / "prepared")
+    with pytest.raises(StoreError, match="fitted on other data") as caught:
+        open_normalized(data / "normalized")
+    assert "\n" not in str(caught.value)
+
+
+def test_compressed_prepared_store_reads_through_zarr_and_pickles(tmp_path: Path) -> None:
+    import pickle
+
+    from conftest import build, write_rgb_source
+
+    fx = build(tmp_path, write_rgb_source, codec="zstd")
+    out = normalize(fx, tmp_path / "normalized", "per_image", "float32", "unit", "float")
+    stored = np.asarray(zarr.open_array(out / "images.zarr" / "images", mode="r")[...])
+    ds = open_normalized(fx.prepared, stats=fx.stats, mode="per_image", input_scale="unit")
+    assert ds._open()["direct"] is None  # compressed: zarr decodes the chunks
+    val = pickle.loads(pickle.dumps(ds.split("val")))  # what a DataLoader worker gets
+    a, b = val.start, val.stop
+    assert_bits_equal(val.read(list(range(b - a))), stored[a:b])
+    assert_bits_equal(ds.read([7, 2, 7]), stored[[7, 2, 7]])
