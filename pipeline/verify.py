@@ -28,7 +28,7 @@ from pipeline.reader import check_lineage, lineage_only, lineage_target, normali
 from pipeline.runner import run_tasks
 from pipeline.statsfile import load_stats
 from pipeline.store import PREPARED_SCHEMA, PreparedStore, open_prepared, read_samples
-from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants
+from pipeline.transform import PER_IMAGE_MODES, Normalization
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -51,23 +51,12 @@ class VerifyReport:
         return not self.mismatched and not self.problems
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Normalization:
-    """How the normalized store says it was made (what :func:`expected_block` needs)."""
-
-    mode: str
-    constants: Constants | None
-    eps: float
-    divisor: float
-    dtype: str
-
-
 def _check_block(
     prepared: str,
     normalized: str | None,
     indices: list[int],
     digests: np.ndarray,
-    how: _Normalization | None,
+    how: Normalization | None,
     offset: np.ndarray | None,
     scale: np.ndarray | None,
 ) -> tuple[list[int], list[int]]:
@@ -110,7 +99,7 @@ def _check_samples(
     report: VerifyReport,
     source: PreparedStore,
     normalized: Location | None,
-    how: _Normalization | None,
+    how: Normalization | None,
     arrays: tuple[np.ndarray, np.ndarray] | None,
     chosen: list[int],
     base: BaseParams,
@@ -220,15 +209,8 @@ def _open_normalized(store: Location, report: VerifyReport) -> tuple[Any, ...] |
             f"{prepared} holds {source.fingerprint[:12]}"
         )
         return None
-    mode = attrs["mode"]
-    how = _Normalization(
-        mode=mode,
-        constants=None
-        if mode in PER_IMAGE_MODES
-        else dataset_constants(mode, stats, attrs["input_scale"]),
-        eps=float(attrs["eps"]),
-        divisor=float(attrs["divisor"]),
-        dtype=str(attrs["dtype"]),
+    how = Normalization.from_stats(
+        attrs["mode"], stats, attrs["input_scale"], float(attrs["eps"]), str(attrs["dtype"])
     )
     return attrs, source, how, (offset, scale)
 
