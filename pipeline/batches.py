@@ -16,6 +16,11 @@ Ranks take contiguous, equal parts of the epoch (so each rank keeps the chunk lo
 as torch's ``DistributedSampler``, the epoch is padded by repeating its first samples up to a
 multiple of ``world_size``, or, with ``drop_last``, its tail is dropped; ``drop_last`` also
 drops a last batch shorter than ``batch_size``.
+
+Measured (2 cores, 2,048 float32 224x224x3 images in chunks of 16, page cache, batch 64, one
+epoch with ``Batches``): uncompressed local shards, read per sample by the direct reader,
+6,300 images/s uniform vs 6,600 chunk-local vs 6,700 in store order; zstd shards, read
+through zarr (a whole chunk per chunk touched), 44 vs 73 vs 44.
 """
 
 from __future__ import annotations
