@@ -33,7 +33,7 @@ __all__ = ["check_digests", "digests_sha256", "image_digest", "image_digests"]
 def image_digest(image: np.ndarray) -> int:
     """CRC-32C of one image's bytes in C order."""
     data = np.ascontiguousarray(image).reshape(-1).view(np.uint8)
-    return int(crc32c.crc32c(memoryview(data)))
+    return int(crc32c.crc32c(data.data))
 
 
 def image_digests(block: np.ndarray) -> np.ndarray:
