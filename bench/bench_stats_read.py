@@ -6,7 +6,9 @@ Builds a warm prepared store of ``--n`` photo-like 256x256x3 uint8 images in the
 1. pure read: 2 threads reading every shard file whole (``np.fromfile``), one task per shard;
 2. ``run_stats`` end to end with the cache off (``PIPELINE_CACHE_DIR=off``);
 3. 2,000 shuffled single samples through zarr (``array[i]``) and through the direct reader;
-4. a per-part breakdown of one 256-image block on one thread (direct read into a reused buffer,
+4. ``verify_store`` on the prepared store (every digest), and ``run_normalize`` (float32 output)
+   on its first ``--n-normalize`` images, once each, against the pure read of the same images;
+5. a per-part breakdown of one 256-image block on one thread (direct read into a reused buffer,
    zarr read, CRC-32C check, the kernel's per-pixel pass and its histogram pass, the whole
    ``block_moments``), and the same chunk task on 2 threads at once (does it scale?).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -31,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_stats import build_store, ingest_template, make_view
 
 from pipeline.digests import check_digests
+from pipeline.normalize import run_normalize
 from pipeline.params import parse_params
 from pipeline.shardread import open_shard_reader
 from pipeline.stats import block_moments
 from pipeline.stats_stage import _read_moments, run_stats
 from pipeline.store import open_prepared, read_samples
+from pipeline.verify import verify_store
 
 
 def _ms(fn: object, reps: int = 5) -> float:
@@ -93,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n-normalize", type=int, default=1024)
     args = ap.parse_args()
     os.environ["PIPELINE_CACHE_DIR"] = "off"
     with TemporaryDirectory() as tmp:
@@ -114,6 +120,26 @@ def main() -> None:
         r, s = statistics.median(t_read), statistics.median(t_stats)
         print(f"pure 2-thread read: {args.n / r:,.0f} images/s")
         print(f"run_stats:          {args.n / s:,.0f} images/s  ({r / s:.2f}x the pure read)")
+        t0 = time.perf_counter()
+        report = verify_store(view)
+        v = time.perf_counter() - t0
+        assert report.ok, report.problems
+        print(f"verify (prepared):  {args.n / v:,.0f} images/s  ({r / v:.2f}x the pure read)")
+        m = min(args.n_normalize, args.n)
+        small = make_view(store, work / "small" / "images.zarr", m)
+        pure_read(small / "images")
+        t0 = time.perf_counter()
+        pure_read(small / "images")
+        r_small = time.perf_counter() - t0
+        run_stats(small, work / "stats_small", params)
+        t0 = time.perf_counter()
+        run_normalize(small.parent, work / "stats_small", work / "normalized.zarr", params)
+        t_norm = time.perf_counter() - t0
+        shutil.rmtree(work / "normalized.zarr")
+        print(
+            f"run_normalize:      {m / t_norm:,.0f} images/s on {m} images, float32 out "
+            f"({r_small / t_norm:.2f}x the pure read of its input)"
+        )
         array = zarr.open_array(images, mode="r")
         reader = open_shard_reader(array, images)
         assert reader is not None
