@@ -75,7 +75,7 @@ def _check_block(
     their digests) among ``indices``, one contiguous run of one shard."""
     start, stop = indices[0], indices[-1] + 1
     try:
-        raw = np.array(read_samples(prepared, start, stop))
+        raw = read_samples(prepared, start, stop)  # a new array: no copy needed
         stored = (
             None
             if normalized is None
@@ -84,7 +84,8 @@ def _check_block(
     except Exception:  # a damaged shard: every sample in it counts as a mismatch
         return list(indices), []
     wanted = np.asarray(indices) - start
-    changed = [int(i) for i in np.asarray(indices)[image_digests(raw[wanted]) != digests]]
+    picked = raw if len(wanted) == len(raw) else raw[wanted]  # a whole run: no copy
+    changed = [int(i) for i in np.asarray(indices)[image_digests(picked) != digests]]
     if how is None or stored is None:
         return [], changed
     want, used = expected_block(raw, how.mode, how.constants, how.eps, how.divisor, how.dtype)
