@@ -18,7 +18,7 @@ import click
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 
 app = typer.Typer(
     name="pipeline",
@@ -86,6 +86,62 @@ def _bad_option(option: str, value: object, allowed: str) -> PipelineError:
     return PipelineError(f"{option} is {value}; allowed: {allowed}.")
 
 
+# The global options of this invocation, set by main() before any command runs.
+_GLOBAL = {"params_prefix": ""}
+
+
+def _load(path: Path | None) -> Params:
+    """load_params with the global --params-prefix."""
+    return load_params(path, prefix=_GLOBAL["params_prefix"])
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@_reports_errors
+def main(
+    version_check: Annotated[
+        str | None,
+        typer.Option(
+            "--version-check",
+            metavar="VERSION",
+            help="Refuse to run unless this version of pipeline is installed (written into "
+            "the stages by `pipeline init`).",
+        ),
+    ] = None,
+    params_prefix: Annotated[
+        str,
+        typer.Option(
+            "--params-prefix",
+            metavar="PREFIX",
+            envvar="PIPELINE_PARAMS_PREFIX",
+            help="Read the params sections PREFIXbase, PREFIXingest, ... (`pipeline init "
+            "--prefix`).",
+        ),
+    ] = "",
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Dataset-versioned image normalization: DVC stages and tools."""
+    from pipeline.params import parse_prefix
+
+    _GLOBAL["params_prefix"] = parse_prefix(params_prefix)
+    if version_check is not None:
+        from pipeline.project import check_version
+
+        check_version(version_check)
+
+
 @app.command()
 @_reports_errors
 def sample(
@@ -95,7 +151,7 @@ def sample(
     """Build the embedded sample collection of real photos (from scikit-image) in OUT_DIR."""
     from pipeline.sample import run_sample
 
-    p = load_params(params).sample
+    p = _load(params).sample
     n = run_sample(out_dir, seed=p.seed, images_per_class=p.images_per_class)
     typer.echo(f"sample: wrote {n} images to {out_dir}")
 
@@ -115,7 +171,7 @@ def ingest(
     """Decode SOURCE into the sharded Zarr store OUT/images.zarr with its manifest."""
     from pipeline.ingest import run_ingest
 
-    result = run_ingest(source, out, load_params(params), progress=True)
+    result = run_ingest(source, out, _load(params), progress=True)
     splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
     typer.echo(f"ingest: {result.count} images ({splits}) -> {out}/images.zarr")
     if result.from_cache:
@@ -142,7 +198,7 @@ def stats(
     from pipeline.stats_stage import run_stats
 
     images = parse_location(prepared, "PREPARED") / "images.zarr"
-    run = run_stats(images, out_dir, load_params(params), progress=True)
+    run = run_stats(images, out_dir, _load(params), progress=True)
     doc = run.document
     if run.reused is not None:
         typer.echo(
@@ -173,7 +229,7 @@ def normalize(
     """Apply the fitted statistics to every split of PREPARED: OUT/images.zarr with lineage."""
     from pipeline.normalize import run_normalize
 
-    lineage = run_normalize(prepared, stats_dir, out, load_params(params), progress=True)
+    lineage = run_normalize(prepared, stats_dir, out, _load(params), progress=True)
     typer.echo(
         f"normalize: mode {lineage['mode']}, {lineage['dtype']}, stats "
         f"{lineage['stats']['sha256'][:12]} -> {out}/images.zarr"
@@ -217,7 +273,7 @@ def verify(
         store,
         sample=sample,
         seed=seed,
-        base=load_params(params).base,
+        base=_load(params).base,
         source=source,
         decode=decode,
     )
@@ -393,3 +449,103 @@ def cache_clear(directory: CacheDirOption = None) -> None:
     typer.echo(f"cache: cleared {_size(freed)} from {cache.root}")
     if swept:
         typer.echo(f"cache: removed {len(swept)} leftover(s) of killed runs beside outputs")
+
+
+@app.command()
+@_reports_errors
+def init(
+    source: Annotated[
+        str, typer.Option(help="The image folder, relative to the project (params ingest.source).")
+    ] = "data/images",
+    prefix: Annotated[
+        str,
+        typer.Option(
+            help="Name our params sections PREFIXbase, PREFIXingest, ... so they cannot "
+            "collide with yours (e.g. imgnorm_)."
+        ),
+    ] = "",
+    force: Annotated[
+        bool, typer.Option(help="Rewrite this tool's own stages in dvc.yaml (never others).")
+    ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(help="Set the version in this tool's stage commands to the installed one."),
+    ] = False,
+) -> None:
+    """Add the stages, params sections and .gitignore lines to the git + DVC project here
+    (merged, never overwritten; runs dvc init when needed)."""
+    from pipeline.project import init_project
+
+    result = init_project(Path.cwd(), source=source, prefix=prefix, force=force, upgrade=upgrade)
+    if result.dvc_initialized:
+        typer.echo("init: ran `dvc init`")
+    if not result.changed:
+        typer.echo("init: nothing to do; the stages and params are in place")
+        return
+    typer.echo(f"init: updated {', '.join(result.changed)}")
+    exp = f"{prefix}normalize.mode=per_pixel"
+    typer.echo(
+        f"init: next: put your images in {source}, then `dvc add {source}` and `dvc repro` "
+        f"(try `dvc exp run -S {exp}`)"
+    )
+
+
+@app.command()
+@_reports_errors
+def fit(
+    folder: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
+    format: Annotated[
+        str, typer.Option("--format", help="torchvision | albumentations | timm | keras | json")
+    ] = "torchvision",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Fit on this split (train | val | test | all) instead of stats.fit_split; "
+            "anything but train is recorded as a non-train fit."
+        ),
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            help="HEIGHTxWIDTH to resize every image to (ingest.resize), or `native` to keep "
+            "the sizes (all must match). Default: ingest.image_size."
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="per_channel | global | per_pixel (json)")] = (
+        "per_channel"
+    ),
+    params: ParamsOption = None,
+) -> None:
+    """Exact mean and std of an image folder, ready to paste, without a DVC project."""
+    from pipeline.fit import fit_folder
+
+    p = _fit_params(_load(params), split, image_size)
+    result = fit_folder(folder, p, fmt=format, mode=mode, progress=True)
+    splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
+    typer.echo(f"fit: {folder}: {splits}; fitted on {p.stats.fit_split}", err=True)
+    if result.rejected:
+        typer.echo(f"fit: skipped {result.rejected} unusable file(s)", err=True)
+    typer.echo(result.text, nl=False)
+
+
+def _fit_params(p: Params, split: str | None, image_size: str | None) -> Params:
+    """``p`` with the fit command's options applied (parsed like params.yaml values)."""
+    import re
+
+    from pipeline.params import parse_params
+
+    raw = p.to_dict()
+    if split is not None:
+        raw["stats"].update(fit_split=split, allow_non_train_fit=split != "train")
+    if image_size is not None:
+        match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", image_size)
+        if image_size != "native" and match is None:
+            raise _bad_option("--image-size", image_size, "HEIGHTxWIDTH (e.g. 224x224) or native")
+        raw["ingest"]["image_size"] = [int(v) for v in match.groups()] if match else None
+    try:
+        return parse_params(raw, origin="the fit options")
+    except PipelineError as exc:
+        for option, key in (("--split", "stats.fit_split"), ("--image-size", "ingest.image_size")):
+            if key in str(exc):
+                raise PipelineError(f"{option}: {exc}") from exc
+        raise

@@ -7,7 +7,7 @@ import json
 from pipeline.errors import PipelineError
 from pipeline.statsfile import Stats
 
-__all__ = ["FORMATS", "export_constants"]
+__all__ = ["FORMATS", "check_export", "export_constants"]
 
 FORMATS = ("torchvision", "albumentations", "timm", "keras", "json")
 
@@ -16,8 +16,11 @@ def _fmt(values: list[float]) -> str:
     return "(" + ", ".join(repr(v) for v in values) + ("," if len(values) == 1 else "") + ")"
 
 
-def export_constants(stats: Stats, fmt: str, mode: str = "per_channel") -> str:
-    """Text for ``fmt``; per_pixel is refused where the library only takes per-channel values."""
+def check_export(fmt: str, mode: str) -> None:
+    """Refuse an unknown format or mode, and per_pixel where the library takes one value per
+    channel."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"Expected one of {', '.join(FORMATS)} for --format. Got {fmt!r}.")
     if mode not in ("per_channel", "global", "per_pixel"):
         raise PipelineError(f"Expected per_channel, global or per_pixel for --mode. Got {mode!r}.")
     if mode == "per_pixel" and fmt != "json":
@@ -26,6 +29,11 @@ def export_constants(stats: Stats, fmt: str, mode: str = "per_channel") -> str:
             f"cannot be expressed there. Read the normalized store with open_normalized(), or "
             f"load_stats(...).mean_image / .std_image yourself."
         )
+
+
+def export_constants(stats: Stats, fmt: str, mode: str = "per_channel") -> str:
+    """Text for ``fmt``; per_pixel is refused where the library only takes per-channel values."""
+    check_export(fmt, mode)
     pm = stats.pixel_max
     if mode == "global":
         mean = [stats.global_mean] * len(stats.mean)
@@ -33,7 +41,10 @@ def export_constants(stats: Stats, fmt: str, mode: str = "per_channel") -> str:
     else:
         mean, std = stats.mean.tolist(), stats.std.tolist()
     mean01, std01 = [m / pm for m in mean], [s / pm for s in std]
-    origin = f"# fitted on {stats.count} {stats.fit_split} images; stats sha256 {stats.sha256[:16]}"
+    origin = (
+        f"# fitted on {stats.count} {stats.fit_split} images of the data with fingerprint "
+        f"{stats.fingerprint}; stats sha256 {stats.sha256[:16]}"
+    )
     if fmt == "torchvision":  # ToTensor() scales to [0, 1] first
         return (
             f"{origin}\nfrom torchvision import transforms\n"

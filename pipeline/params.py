@@ -1,13 +1,16 @@
 """params.yaml: one frozen dataclass per section, every value parsed at the boundary.
 
-Every key has a default, so a params file may give only what it changes. Unknown sections and
-keys are errors: a typo must never be silently ignored.
+Every key has a default, so a params file may give only what it changes. The tool reads only
+its own sections (``SECTIONS``, each name optionally behind a prefix chosen at ``pipeline init``)
+and ignores every other one, which belongs to the user's other stages; inside its own sections
+unknown keys are errors: a typo must never be silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ __all__ = [
     "StatsParams",
     "load_params",
     "parse_params",
+    "parse_prefix",
     "parse_scheduler",
 ]
 
@@ -526,20 +530,60 @@ SECTIONS = {
 }
 
 
-def parse_params(raw: object, *, origin: str = "params") -> Params:
-    """Parse the mapping read from a params file."""
+# A prefix is the start of a YAML key and of a DVC `-S` path: letters, digits and "_" only.
+PREFIX_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def parse_prefix(value: str, option: str = "--params-prefix") -> str:
+    """Return ``value`` if it is "" or a valid section-name prefix (``imgnorm_``)."""
+    if value and not PREFIX_PATTERN.fullmatch(value):
+        raise ParamsError(
+            f"{option} is {quote(value)}; allowed: a letter, then up to 31 letters, digits or "
+            f"'_' (for example 'imgnorm_')."
+        )
+    return value
+
+
+def _with_prefix(message: str, prefix: str) -> str:
+    """``message`` with our section names as the params file spells them (``P<name>``)."""
+    names = "|".join(SECTIONS)
+    classes = (*SECTIONS.values(), SplitParams)
+    keys = "|".join(sorted({f.name for cls in classes for f in dataclasses.fields(cls)}))
+    message = re.sub(rf"\b({names})\.({keys})\b", rf"{prefix}\1.\2", message)
+    message = re.sub(rf"\bfor ({names})\.", rf"for {prefix}\1.", message)
+    return re.sub(rf"section '({names})([.'])", rf"section '{prefix}\1\2", message)
+
+
+def parse_params(raw: object, *, origin: str = "params", prefix: str = "") -> Params:
+    """Parse the mapping read from a params file: its sections ``prefix + name`` for each of
+    ours; every other section is someone else's and is ignored. With a prefix, a section that
+    starts with it but is none of ours is a typo, and an error."""
+    prefix = parse_prefix(prefix)
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(
             f"Expected a mapping of sections in {origin}. Got {quote(raw)} instead."
         )
-    unknown = sorted(set(raw) - set(SECTIONS), key=repr)
+    ours = {prefix + name for name in SECTIONS}
+    mistyped = [k for k in raw if isinstance(k, str) and k.startswith(prefix) and k not in ours]
+    unknown = sorted(mistyped, key=repr) if prefix else []
     if unknown:
         raise ParamsError(
-            f"Unknown section(s) {', '.join(quote(k) for k in unknown[:5])} in {origin}. "
-            f"Allowed sections: {', '.join(sorted(SECTIONS))}."
+            f"Unknown section(s) {', '.join(quote(k) for k in unknown[:5])} in {origin}: "
+            f"sections starting with {prefix!r} are this tool's. "
+            f"Allowed: {', '.join(sorted(ours))}."
         )
+    mine = {name: raw.get(prefix + name) for name in SECTIONS}
+    try:
+        return _parse_sections(mine)
+    except ParamsError as exc:
+        if not prefix:
+            raise
+        raise ParamsError(_with_prefix(str(exc), prefix)) from exc
+
+
+def _parse_sections(raw: Mapping[str, Any]) -> Params:
     params = Params(
         base=BaseParams.from_dict(_section(raw, "base")),
         sample=SampleParams.from_dict(_section(raw, "sample")),
@@ -637,8 +681,9 @@ def parse_yaml(text: str, origin: str) -> Any:
         loader.dispose()
 
 
-def load_params(path: Path | None = None) -> Params:
-    """Read ``path``, or ``params.yaml`` in the working directory (defaults when it is absent)."""
+def load_params(path: Path | None = None, *, prefix: str = "") -> Params:
+    """Read ``path``, or ``params.yaml`` in the working directory (defaults when it is absent);
+    our sections are ``prefix + name``."""
     if path is None:
         if not DEFAULT_PARAMS_FILE.exists():
             return Params()
@@ -657,4 +702,4 @@ def load_params(path: Path | None = None) -> Params:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path} is not UTF-8 text: {exc}. Save it as UTF-8.") from exc
-    return parse_params(parse_yaml(text, str(path)), origin=str(path))
+    return parse_params(parse_yaml(text, str(path)), origin=str(path), prefix=prefix)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.batches import Batches, BatchSampler, make_plan
 from pipeline.documents import HEX64, Maybe, OneOf, check_document
 from pipeline.errors import StoreError
 from pipeline.lineage import NORMALIZED_SCHEMA
@@ -163,6 +164,55 @@ class NormalizedDataset:
         """
         batch, labels = self.read(indices), self.read_labels(indices)
         return [(batch[k], int(labels[k])) for k in range(len(batch))]
+
+    @property
+    def chunk_samples(self) -> int:
+        """Samples per store chunk: the unit that a chunk-local shuffle permutes."""
+        return int(self._open()["images"].chunks[0])
+
+    def batch_sampler(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool | str = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        buffer: int | None = None,
+    ) -> BatchSampler:
+        """Shuffled batches of positions for ``DataLoader(ds, batch_sampler=...)``.
+
+        ``shuffle``: True (``"chunks"``: chunks permuted, samples mixed within windows of
+        ``buffer`` chunks), ``"uniform"`` (exact, reads scattered) or False. See
+        :mod:`pipeline.batches` for the order, ranks, ``drop_last`` and resuming.
+        """
+        plan = make_plan(
+            self, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+            world_size=world_size, drop_last=drop_last, buffer=buffer,
+        )  # fmt: skip
+        return BatchSampler(plan, epoch)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool | str = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        buffer: int | None = None,
+    ) -> Batches:
+        """One epoch of ``(images, labels)`` numpy batches (labels int64), in the order of
+        :meth:`batch_sampler` with the same arguments; each batch is one :meth:`read`."""
+        sampler = self.batch_sampler(
+            batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, drop_last=drop_last, buffer=buffer,
+        )  # fmt: skip
+        return Batches(self, sampler)
 
     @property
     def labels(self) -> np.ndarray:

@@ -28,10 +28,12 @@ from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
 from pipeline.statsfile import (
+    METRICS_JSON,
     STATS_JSON,
     STATS_SCHEMA,
     STATS_ZARR,
     channel_names,
+    compact_metrics,
     tree_sha256,
     write_arrays,
 )
@@ -228,4 +230,5 @@ def run_stats(
         )
         doc["arrays"] = {"path": STATS_ZARR, "sha256": tree_sha256(tmp / STATS_ZARR)}
         (tmp / STATS_JSON).write_bytes(dumps_json(doc).encode("ascii"))
+        (tmp / METRICS_JSON).write_bytes(dumps_json(compact_metrics(doc)).encode("ascii"))
     return StatsRun(document=doc, reused=reused)

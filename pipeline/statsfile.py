@@ -1,4 +1,5 @@
-"""The stats outputs on disk: stats.json (DVC metrics) and stats.zarr (arrays), and load_stats."""
+"""The stats outputs on disk: stats.json (the full document), metrics.json (its numbers, the DVC
+metrics), stats.zarr (arrays), and load_stats."""
 
 from __future__ import annotations
 
@@ -18,11 +19,21 @@ from pipeline.location import Location, parse_location
 from pipeline.stats import FitResult, Moments
 from pipeline.store import read_array, sha256_file, write_small_array
 
-__all__ = ["STATS_SCHEMA", "Stats", "channel_names", "load_stats", "tree_sha256", "write_arrays"]
+__all__ = [
+    "METRICS_JSON",
+    "STATS_SCHEMA",
+    "Stats",
+    "channel_names",
+    "compact_metrics",
+    "load_stats",
+    "tree_sha256",
+    "write_arrays",
+]
 
 STATS_SCHEMA = "pipeline.stats/1"
 STATS_JSON = "stats.json"
 STATS_ZARR = "stats.zarr"
+METRICS_JSON = "metrics.json"
 MAX_STATS_JSON = 64 * 2**20  # ours are a few kB; a larger file is not read
 CHANNEL = {"mean": float, "std": float, "min": int, "max": int}
 STATS_DOCUMENT = {
@@ -48,6 +59,21 @@ def channel_names(channels: int) -> list[str]:
         if channels == 1
         else [f"C{i}" for i in range(channels)]
     )
+
+
+def compact_metrics(doc: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a stats.json document a person compares across versions, nested by fit
+    split, then channel (``train.R.mean``), so ``dvc metrics show/diff`` and ``dvc exp show``
+    read like a table: no strings, digests or paths (those stay in stats.json)."""
+    count = doc["count"]
+    split: dict[str, Any] = {
+        "images": count["images"],
+        "pixels_per_channel": count["pixels_per_channel"],
+        "prepared_images": count["prepared_images"],
+    }
+    for name, ch in doc["channels"].items():
+        split[name] = {key: ch[key] for key in ("mean", "std", "min", "max")}
+    return {doc["fit_split"]: split}
 
 
 def tree_sha256(root: Path | Location) -> str:

@@ -64,7 +64,7 @@ def _check_block(
     their digests) among ``indices``, one contiguous run of one shard."""
     start, stop = indices[0], indices[-1] + 1
     try:
-        raw = np.array(read_samples(prepared, start, stop))
+        raw = read_samples(prepared, start, stop)  # a new array: no copy needed
         stored = (
             None
             if normalized is None
@@ -73,7 +73,8 @@ def _check_block(
     except Exception:  # a damaged shard: every sample in it counts as a mismatch
         return list(indices), []
     wanted = np.asarray(indices) - start
-    changed = [int(i) for i in np.asarray(indices)[image_digests(raw[wanted]) != digests]]
+    picked = raw if len(wanted) == len(raw) else raw[wanted]  # a whole run: no copy
+    changed = [int(i) for i in np.asarray(indices)[image_digests(picked) != digests]]
     if how is None or (stored is None and how.mode not in PER_IMAGE_MODES):
         return [], changed  # a lineage-only store of a dataset mode: its values are on read
     want, used = expected_block(raw, how.mode, how.constants, how.eps, how.divisor, how.dtype)

@@ -265,3 +265,14 @@ def test_compressed_prepared_store_reads_through_zarr_and_pickles(tmp_path: Path
     a, b = val.start, val.stop
     assert_bits_equal(val.read(list(range(b - a))), stored[a:b])
     assert_bits_equal(ds.read([7, 2, 7]), stored[[7, 2, 7]])
+
+
+def test_shuffled_batches_on_read_equal_the_float_stores(rgb8: Fitted, tmp_path: Path) -> None:
+    out = normalize(rgb8, tmp_path / "normalized", "per_channel", "float32", "pixel", "float")
+    want = open_normalized(out, allow_outside=True).split("train")
+    got = open_normalized(rgb8.prepared, stats=rgb8.stats).split("train")
+    assert got.chunk_samples == want.chunk_samples
+    pairs = zip(got.batches(4, seed=3, epoch=1), want.batches(4, seed=3, epoch=1), strict=True)
+    for (x, lx), (y, ly) in pairs:
+        assert_bits_equal(x, y)
+        assert_bits_equal(lx, ly)

@@ -247,7 +247,28 @@ def test_oracle_premise_store_holds_the_png_pixels(store: Prepared) -> None:
 
 def test_train_fit_matches_oracle(store: Prepared, reference: Path) -> None:
     check_against_oracle(reference, store, "train")
-    assert sorted(p.name for p in reference.iterdir()) == ["stats.json", "stats.zarr"]
+    names = sorted(p.name for p in reference.iterdir())
+    assert names == ["metrics.json", "stats.json", "stats.zarr"]
+
+
+def test_metrics_file_holds_only_the_numbers_of_stats_json(reference: Path) -> None:
+    doc = json.loads((reference / "stats.json").read_text())
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert list(metrics) == ["train"]
+    train = metrics["train"]
+    assert train["images"] == doc["count"]["images"]
+    assert train["pixels_per_channel"] == doc["count"]["pixels_per_channel"]
+    assert train["prepared_images"] == doc["count"]["prepared_images"]
+    assert set(train) == {"images", "pixels_per_channel", "prepared_images", *doc["channel_names"]}
+    for name in doc["channel_names"]:
+        assert train[name] == {k: doc["channels"][name][k] for k in ("mean", "std", "min", "max")}
+
+    def leaves(value: object) -> list[object]:
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        return [value]
+
+    assert all(type(v) in (int, float) for v in leaves(metrics))
 
 
 def test_load_stats_accepts_the_json_path(reference: Path) -> None:
@@ -505,7 +526,7 @@ def test_failed_run_keeps_previous_outputs(
     with pytest.raises(StoreError):
         run_stats(damaged, out, make_params(stats={"block_images": 1}))
     assert digests(out) == before
-    assert sorted(os.listdir(out)) == ["stats.json", "stats.zarr"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "stats.json", "stats.zarr"]
     load_stats(out)
 
 
@@ -518,7 +539,7 @@ def test_rerun_removes_leftover_temporary_arrays(
     (leftover / "mean_image" / "c").mkdir(parents=True)
     (leftover / "mean_image" / "c" / "0").write_bytes(b"half-written")
     run_stats(store.path, out, make_params())
-    assert sorted(os.listdir(out)) == ["stats.json", "stats.zarr"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "stats.json", "stats.zarr"]
     assert digests(out) == digests(reference)
 
 
@@ -529,5 +550,5 @@ def test_rerun_after_a_kill_during_publish(
     shutil.copytree(reference, out)
     shutil.copytree(reference / "stats.zarr", out / ".stats.zarr.old")  # killed mid-cleanup
     run_stats(store.path, out, make_params())
-    assert sorted(os.listdir(out)) == ["stats.json", "stats.zarr"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "stats.json", "stats.zarr"]
     assert digests(out) == digests(reference)
