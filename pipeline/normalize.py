@@ -13,7 +13,7 @@ import zarr
 
 from pipeline.digests import check_digests
 from pipeline.errors import PipelineError
-from pipeline.lineage import git_revision, library_versions
+from pipeline.lineage import FORMULA, NORMALIZED_SCHEMA, git_revision, normalized_lineage
 from pipeline.location import Location, parse_location
 from pipeline.outputs import check_output
 from pipeline.params import Params
@@ -22,7 +22,7 @@ from pipeline.reach import require_reachable
 from pipeline.runner import run_tasks
 from pipeline.shards import write_shard
 from pipeline.stagecode import stage_code_sha256
-from pipeline.statsfile import Stats, load_stats
+from pipeline.statsfile import load_stats
 from pipeline.store import (
     create_images_array,
     open_prepared,
@@ -32,19 +32,12 @@ from pipeline.store import (
 from pipeline.transform import (
     PER_IMAGE_MODES,
     Constants,
-    apply,
+    Normalization,
     dataset_constants,
     per_image_constants,
 )
 
 __all__ = ["FORMULA", "NORMALIZED_SCHEMA", "expected_block", "run_normalize"]
-
-from pipeline.reader import NORMALIZED_SCHEMA
-
-FORMULA = (
-    "y = dtype(((x / d) - offset) / scale), evaluated in float64 and rounded once; "
-    "d = 1 for input_scale pixel, pixel_max for unit; x = round((y * scale + offset) * d)"
-)
 
 
 def expected_block(
@@ -56,31 +49,31 @@ def expected_block(
     dtype: str,
 ) -> tuple[np.ndarray, Constants]:
     """Normalize one block of a prepared store; per-image modes compute their own constants."""
-    if mode in PER_IMAGE_MODES:
-        constants = per_image_constants(block, mode, eps, divisor)
-    assert constants is not None
-    return apply(block, constants, dtype), constants
+    how = Normalization(mode=mode, constants=constants, eps=eps, divisor=divisor, dtype=dtype)
+    return how.block(block)
 
 
 def _normalize_shard(
     src: str,
-    dst: Location,
+    dst: Location | None,
     start: int,
     stop: int,
     digests: np.ndarray,
-    mode: str,
-    constants: Constants | None,
-    eps: float,
-    divisor: float,
-    dtype: str,
+    how: Normalization,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Read samples [start, stop), check them against the digests ingest recorded, normalize,
-    and write them as one whole output shard."""
+    and write them as one whole output shard (``dst`` None, a lineage-only store: no values
+    are written, and only the per-image modes compute their constants)."""
     block = read_samples(src, start, stop)
     check_digests(block, digests, start, src)
-    out, used = expected_block(block, mode, constants, eps, divisor, dtype)
+    if dst is None:
+        if how.mode not in PER_IMAGE_MODES:
+            return None
+        used = per_image_constants(block, how.mode, how.eps, how.divisor)
+        return used.offset, used.scale
+    out, used = expected_block(block, how.mode, how.constants, how.eps, how.divisor, how.dtype)
     write_shard(zarr.open_array(dst.zarr(), mode="r+"), dst.local, start, out)
-    return (used.offset, used.scale) if mode in PER_IMAGE_MODES else None
+    return (used.offset, used.scale) if how.mode in PER_IMAGE_MODES else None
 
 
 def _relative(target: Location, start: Location) -> str:
@@ -156,28 +149,30 @@ def run_normalize(
     final_store = dest / "images.zarr"
     with publish(dest) as tmp:
         group = zarr.open_group((tmp / "images.zarr").zarr(), mode="w")
-        create_images_array(
-            group,
-            "images",
-            shape=(n, h, w, c),
-            dtype=np_.dtype,
-            chunk_images=images.chunks[0],
-            shard_images=shard,
-            codec=np_.codec,
-            codec_level=np_.codec_level,
+        values: Location | None = None  # lineage: no images array, values computed on read
+        if np_.store == "float":
+            values = tmp / "images.zarr" / "images"
+            create_images_array(
+                group,
+                "images",
+                shape=(n, h, w, c),
+                dtype=np_.dtype,
+                chunk_images=images.chunks[0],
+                shard_images=shard,
+                codec=np_.codec,
+                codec_level=np_.codec_level,
+            )
+        how = Normalization(
+            mode=np_.mode, constants=constants, eps=np_.eps, divisor=divisor, dtype=np_.dtype
         )
         tasks = [
             dask.delayed(_normalize_shard, pure=True)(
                 (store.path.resolve() / "images").zarr(),
-                tmp / "images.zarr" / "images",
+                values,
                 a,
                 min(a + shard, n),
                 store.digests[a : a + shard],
-                np_.mode,
-                constants,
-                np_.eps,
-                divisor,
-                np_.dtype,
+                how,
             )
             for a in range(0, n, shard)
         ]
@@ -200,59 +195,13 @@ def run_normalize(
             dims = ("y", "x", "channel") if constants.offset.ndim == 3 else ("channel",)
             write_small_array(group, "offset", constants.offset, dims)
             write_small_array(group, "scale", constants.scale, dims)
-        lineage = _lineage(params, stats, store.attrs, constants, divisor, prepared, final_store)
+        paths = (
+            _relative(stats.path / "stats.json", final_store),
+            _relative(prepared / "images.zarr", final_store),
+        )
+        code = stage_code_sha256("normalize")
+        lineage = normalized_lineage(np_, stats, store.attrs, constants, paths, code)
+        if np_.record_git_revision:
+            lineage["git"] = git_revision(Path.cwd())
         group.attrs.update(lineage)
-    return lineage
-
-
-def _lineage(
-    params: Params,
-    stats: Stats,
-    prepared_attrs: Any,
-    constants: Constants | None,
-    divisor: float,
-    prepared: Location,
-    final_store: Location,
-) -> dict[str, Any]:
-    """Plain-JSON attributes: how the store was made (DESIGN.md invariant 8)."""
-    np_ = params.normalize
-    small = constants is not None and constants.offset.ndim == 1
-    lineage: dict[str, Any] = {
-        "schema": NORMALIZED_SCHEMA,
-        "mode": np_.mode,
-        "eps": np_.eps,
-        "dtype": np_.dtype,
-        "input_scale": np_.input_scale,
-        "divisor": divisor,
-        "formula": FORMULA,
-        "constants": {
-            "offset": constants.offset.tolist() if small and constants else None,
-            "scale": constants.scale.tolist() if small and constants else None,
-            "arrays": "offset and scale arrays in this group",
-        },
-        "channel_names": stats.channels,
-        "pixel_max": stats.pixel_max,
-        "classes": prepared_attrs["classes"],
-        "splits": prepared_attrs["splits"],
-        "stats": {
-            "path": _relative(stats.path / "stats.json", final_store),
-            "sha256": stats.sha256,
-            "fit_split": stats.fit_split,
-            "count": stats.count,
-            "mean": stats.mean.tolist(),
-            "std": stats.std.tolist(),
-            "params": stats.doc.get("params", {}),
-        },
-        "prepared": {
-            "path": _relative(prepared / "images.zarr", final_store),
-            "fingerprint": prepared_attrs["fingerprint"],
-            "decode": prepared_attrs["decode"],
-            "versions": prepared_attrs["versions"],
-        },
-        "params": {"normalize": {k: v for k, v in vars(np_).items()}},
-        "versions": library_versions(),
-        "code_sha256": stage_code_sha256("normalize"),  # the files dvc.yaml lists as its deps
-    }
-    if np_.record_git_revision:
-        lineage["git"] = git_revision(Path.cwd())
     return lineage

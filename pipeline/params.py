@@ -456,6 +456,7 @@ NORMALIZE_MODES = (
     "min_max",
 )
 DTYPES = ("float32", "float16")
+NORMALIZED_STORES = ("float", "lineage")
 INPUT_SCALES = ("pixel", "unit")
 
 
@@ -470,6 +471,7 @@ class NormalizeParams:
     codec: str = "none"
     codec_level: int = 1
     record_git_revision: bool = False
+    store: str = "float"  # float: write the normalized images; lineage: attributes only
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NormalizeParams:
@@ -492,6 +494,7 @@ class NormalizeParams:
                 raw.get("codec_level", d.codec_level), "normalize.codec_level", codec
             ),
             record_git_revision=record,
+            store=parse_choice(raw.get("store", d.store), "normalize.store", NORMALIZED_STORES),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -10,12 +11,23 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.batches import Batches, BatchSampler, make_plan
 from pipeline.documents import HEX64, Maybe, OneOf, check_document
 from pipeline.errors import StoreError
+from pipeline.lineage import NORMALIZED_SCHEMA
 from pipeline.location import Location, parse_location
+from pipeline.onread import OnRead, on_read_params, open_fitted, prepared_lineage
+from pipeline.params import NormalizeParams
 from pipeline.shardread import open_shard_reader
 from pipeline.statsfile import load_stats
-from pipeline.store import check_complete, check_image_shape, check_splits, read_array, sha256_file
+from pipeline.store import (
+    PREPARED_SCHEMA,
+    check_complete,
+    check_image_shape,
+    check_splits,
+    read_array,
+    sha256_file,
+)
 from pipeline.transform import (
     DATASET_MODES,
     PER_IMAGE_MODES,
@@ -26,7 +38,6 @@ from pipeline.transform import (
 
 __all__ = ["NormalizedDataset", "open_normalized"]
 
-NORMALIZED_SCHEMA = "pipeline.normalized/1"
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -44,15 +55,24 @@ class NormalizedDataset:
     """
 
     def __init__(
-        self, path: Location, attrs: dict[str, Any], start: int, stop: int, channels_first: bool
+        self,
+        path: Location,
+        attrs: dict[str, Any],
+        start: int,
+        stop: int,
+        channels_first: bool,
+        on_read: OnRead | None = None,
     ) -> None:
         self.path = path
         self._attrs = attrs
         self.start, self.stop = start, stop
         self.channels_first = channels_first
+        self.on_read = on_read  # set: values computed from a prepared store (pipeline.onread)
         self._arrays: dict[str, Any] | None = None
 
     def _open(self) -> dict[str, Any]:
+        if self._arrays is None and self.on_read is not None:
+            self._arrays = self.on_read.open()
         if self._arrays is None:
             group = zarr.open_group(self.path.zarr(), mode="r")
             images = group["images"]
@@ -99,21 +119,33 @@ class NormalizedDataset:
         """
         rows = self._rows(indices)
         arrays = self._open()
-        direct = arrays["direct"] if self.channels_first else None
-        try:
-            if direct is not None:  # read and transpose in cache-sized parts
-                return np.asarray(direct.read_channels_first(rows))
-            batch = self._read_rows(arrays, rows)
-        except (StoreError, IndexError):
-            raise
-        except Exception as exc:  # zarr and the codecs raise many types for damaged shards
-            raise StoreError(
-                f"cannot read samples of {self.path}/images: {exc}. The store is damaged; "
-                f"rebuild it (dvc repro) or `dvc checkout` it."
-            ) from exc
+        if self.channels_first and self.on_read is None and arrays["direct"] is not None:
+            return self._read_raw(rows, channels_first=True)  # transposed in cache-sized parts
+        batch = self._read_raw(rows)
+        if self.on_read is not None:
+            batch = self.on_read.normalize(arrays, rows, batch)
         if self.channels_first:
             batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
         return batch
+
+    def _read_raw(self, rows: np.ndarray, *, channels_first: bool = False) -> np.ndarray:
+        """The stored values of store rows ``rows`` (prepared integers when on read).
+
+        ``channels_first`` (direct reader only): (n, C, H, W), staged by the shard reader.
+        """
+        arrays = self._open()
+        try:
+            if channels_first:
+                return np.asarray(arrays["direct"].read_channels_first(rows))
+            return self._read_rows(arrays, rows)
+        except (StoreError, IndexError):
+            raise
+        except Exception as exc:  # zarr and the codecs raise many types for damaged shards
+            where = self.on_read.prepared if self.on_read is not None else self.path
+            raise StoreError(
+                f"cannot read samples of {where}/images: {exc}. The store is damaged; "
+                f"rebuild it (dvc repro) or `dvc checkout` it."
+            ) from exc
 
     @staticmethod
     def _read_rows(arrays: dict[str, Any], rows: np.ndarray) -> np.ndarray:
@@ -142,6 +174,55 @@ class NormalizedDataset:
         return [(batch[k], int(labels[k])) for k in range(len(batch))]
 
     @property
+    def chunk_samples(self) -> int:
+        """Samples per store chunk: the unit that a chunk-local shuffle permutes."""
+        return int(self._open()["images"].chunks[0])
+
+    def batch_sampler(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool | str = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        buffer: int | None = None,
+    ) -> BatchSampler:
+        """Shuffled batches of positions for ``DataLoader(ds, batch_sampler=...)``.
+
+        ``shuffle``: True (``"chunks"``: chunks permuted, samples mixed within windows of
+        ``buffer`` chunks), ``"uniform"`` (exact, reads scattered) or False. See
+        :mod:`pipeline.batches` for the order, ranks, ``drop_last`` and resuming.
+        """
+        plan = make_plan(
+            self, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+            world_size=world_size, drop_last=drop_last, buffer=buffer,
+        )  # fmt: skip
+        return BatchSampler(plan, epoch)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool | str = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        buffer: int | None = None,
+    ) -> Batches:
+        """One epoch of ``(images, labels)`` numpy batches (labels int64), in the order of
+        :meth:`batch_sampler` with the same arguments; each batch is one :meth:`read`."""
+        sampler = self.batch_sampler(
+            batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, drop_last=drop_last, buffer=buffer,
+        )  # fmt: skip
+        return Batches(self, sampler)
+
+    @property
     def labels(self) -> np.ndarray:
         """Label index of every sample in this view (-1: no class)."""
         return self._open()["labels"][self.start : self.stop]
@@ -155,7 +236,7 @@ class NormalizedDataset:
     def lineage(self) -> dict[str, Any]:
         """How the store was made, as a plain dict to log to an experiment tracker."""
         info = copy.deepcopy(self._attrs)
-        info["store"] = str(self.path)
+        info["store"] = str(self.path if self.on_read is None else self.on_read.prepared)
         info["samples"] = [self.start, self.stop]
         return info
 
@@ -166,12 +247,16 @@ class NormalizedDataset:
         start, stop = self._attrs["splits"][name]
         start = max(start, self.start)
         stop = max(start, min(stop, self.stop))  # a split of a disjoint split is empty
-        return NormalizedDataset(self.path, self._attrs, start, stop, self.channels_first)
+        return NormalizedDataset(
+            self.path, self._attrs, start, stop, self.channels_first, self.on_read
+        )
 
     def dask(self) -> Any:
         """The images of this view as a dask array, one block per store chunk."""
         import dask.array as da
 
+        if self.on_read is not None:
+            raise ValueError("dask() serves stored float images; this view normalizes on read")
         return da.from_zarr(self._open()["images"])[self.start : self.stop]
 
     def denormalize(self, x: np.ndarray, index: int | None = None) -> np.ndarray:
@@ -189,7 +274,11 @@ class NormalizedDataset:
             if index is None:
                 raise ValueError("per-image modes need the sample index to denormalize")
             i = self._absolute(index)
-            offset, scale = offset[i : i + 1], scale[i : i + 1]
+            if self.on_read is not None:
+                raw = self._read_raw(np.array([i])) if offset is None else None
+                offset, scale = self.on_read.per_image(arrays, i, raw)
+            else:
+                offset, scale = offset[i : i + 1], scale[i : i + 1]
         batch = y if y.ndim == 4 else y[None]
         k = Constants(offset=offset, scale=scale, divisor=float(self._attrs["divisor"]))
         out = invert(batch, k, int(self._attrs["pixel_max"]))
@@ -258,6 +347,11 @@ def _lexical(loc: Location) -> str:
     return loc.url
 
 
+def lineage_only(attrs: dict[str, Any]) -> bool:
+    """True for a store written with ``normalize.store: lineage`` (no images array)."""
+    return attrs.get("params", {}).get("normalize", {}).get("store", "float") == "lineage"
+
+
 def check_lineage(path: Location, attrs: dict[str, Any], *, allow_outside: bool = False) -> None:
     """Refuse a store whose recorded stats hash, params, fingerprint or constants do not match."""
     check_document(attrs, LINEAGE_ATTRS, path, FIX)
@@ -278,13 +372,17 @@ def check_lineage(path: Location, attrs: dict[str, Any], *, allow_outside: bool 
         raise StoreError(f"{path}: recorded stats params differ from {stats_json}. {hint}")
     group = zarr.open_group(path.zarr(), mode="r")
     check_splits(path, group, attrs.get("splits"))
-    images = zarr.open_array((path / "images").zarr(), mode="r")
+    if lineage_only(attrs):  # no images array: the values are computed on read
+        n, c, dtype = len(read_array(group, "label")), len(stats.channels), attrs.get("dtype")
+    else:
+        images = zarr.open_array((path / "images").zarr(), mode="r")
+        n, c, dtype = int(images.shape[0]), int(images.shape[-1]), str(images.dtype)
     offset, scale = read_array(group, "offset"), read_array(group, "scale")
     mode, scale_kind = attrs.get("mode"), attrs.get("input_scale")
     recorded = attrs.get("constants") or {}
     # Every attribute that follows from the stats file and the mode must equal what it implies.
     implied: dict[str, tuple[Any, Any]] = {
-        "dtype": (attrs.get("dtype"), str(images.dtype)),
+        "dtype": (attrs.get("dtype"), dtype),
         "pixel_max": (attrs.get("pixel_max"), stats.pixel_max),
         "divisor": (attrs.get("divisor"), float(stats.pixel_max) if scale_kind == "unit" else 1.0),
         "channel_names": (attrs.get("channel_names"), stats.channels),
@@ -295,7 +393,7 @@ def check_lineage(path: Location, attrs: dict[str, Any], *, allow_outside: bool 
         "eps": (attrs.get("eps"), attrs.get("params", {}).get("normalize", {}).get("eps")),
     }
     if mode in PER_IMAGE_MODES:
-        shape = (images.shape[0], images.shape[-1])
+        shape = (n, c)
         implied["offset shape"] = (offset.shape, shape)
         implied["scale shape"] = (scale.shape, shape)
         implied["constants"] = ((recorded.get("offset"), recorded.get("scale")), (None, None))
@@ -322,6 +420,11 @@ def check_lineage(path: Location, attrs: dict[str, Any], *, allow_outside: bool 
 def open_normalized(
     path: str | os.PathLike[str] | Location,
     *,
+    stats: str | os.PathLike[str] | Location | None = None,
+    mode: str | None = None,
+    dtype: str | None = None,
+    eps: float | None = None,
+    input_scale: str | None = None,
     verify: bool = True,
     channels_first: bool = False,
     allow_outside: bool = False,
@@ -332,7 +435,15 @@ def open_normalized(
     ----------
     path
         ``data/normalized`` or ``data/normalized/images.zarr``: a local path or an fsspec
-        URL (``s3://bucket/normalized``; credentials from the environment).
+        URL (``s3://bucket/normalized``; credentials from the environment). A store written
+        with ``normalize.store: lineage`` is served from the prepared store it names. A
+        prepared store (``data/prepared``) with ``stats`` is normalized on read.
+    stats
+        The stats folder (``data/stats``) fitted on the prepared store ``path``; only for a
+        prepared store.
+    mode, dtype, eps, input_scale
+        The ``normalize`` params to apply on read (defaults as in params.yaml); only for a
+        prepared store: a normalized store records its own.
     verify
         Check the recorded stats hash, params, data fingerprint and constants against the
         stats file the store names, and refuse the store when they differ.
@@ -342,7 +453,41 @@ def open_normalized(
         Follow lineage paths that lead outside the folder holding the store (refused by
         default: a store from elsewhere is untrusted input).
     """
-    store = normalized_store_path(path)
+    given = parse_location(path)
+    prepared = given / "images.zarr" if (given / "images.zarr" / "zarr.json").is_file() else given
+    if _schema(prepared) == PREPARED_SCHEMA:
+        if stats is None:
+            raise StoreError(
+                f"{prepared} is a prepared store, not a normalized store: pass stats= (the "
+                f"stats folder fitted on it, like data/stats) to normalize it on read."
+            )
+        params = on_read_params(mode, dtype, eps, input_scale)
+        store, fitted, how = open_fitted(prepared, parse_location(stats, "stats"), params)
+        attrs = prepared_lineage(store, fitted, params, how)
+        on_read = OnRead(store.path, how)
+        return NormalizedDataset(
+            store.path, attrs, 0, int(store.images.shape[0]), channels_first, on_read
+        )
+    if stats is not None or any(v is not None for v in (mode, dtype, eps, input_scale)):
+        raise StoreError(
+            f"{given}: stats, mode, dtype, eps and input_scale are for a prepared store; a "
+            f"normalized store records its own. Drop them, or pass the prepared store."
+        )
+    return _open_store(normalized_store_path(given), verify, channels_first, allow_outside)
+
+
+def _schema(store: Location) -> object:
+    try:
+        doc = json.loads((store / "zarr.json").read_bytes())
+        return doc.get("attributes", {}).get("schema") if isinstance(doc, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _open_store(
+    store: Location, verify: bool, channels_first: bool, allow_outside: bool
+) -> NormalizedDataset:
+    """Open a normalized store: a float one, or a lineage-only one served on read."""
     try:
         if not (store / "zarr.json").is_file():
             raise FileNotFoundError(f"no zarr.json under {store}")
@@ -360,6 +505,8 @@ def open_normalized(
     check_document(attrs, LINEAGE_ATTRS, store, FIX)
     if verify:
         check_lineage(store, attrs, allow_outside=allow_outside)
+    if lineage_only(attrs):
+        return _open_lineage_only(store, attrs, verify, channels_first, allow_outside)
     try:
         images = zarr.open_array((store / "images").zarr(), mode="r")
     except (zarr.errors.BaseZarrError, ValueError, TypeError, KeyError) as exc:
@@ -370,3 +517,28 @@ def open_normalized(
     check_complete(images, store / "images")
     n = int(images.shape[0])
     return NormalizedDataset(store, attrs, 0, n, channels_first)
+
+
+def _open_lineage_only(
+    store: Location,
+    attrs: dict[str, Any],
+    verify: bool,
+    channels_first: bool,
+    allow_outside: bool,
+) -> NormalizedDataset:
+    """Serve a lineage-only store from the prepared store and stats its lineage names."""
+    prepared = lineage_target(store, attrs, "prepared", allow_outside=allow_outside).resolve()
+    stats_json = lineage_target(store, attrs, "stats", allow_outside=allow_outside).resolve()
+    params = NormalizeParams.from_dict(attrs["params"]["normalize"])
+    source, _, how = open_fitted(prepared, stats_json, params)
+    if verify and source.fingerprint != attrs["prepared"]["fingerprint"]:
+        raise StoreError(
+            f"{store}: its lineage names prepared data {attrs['prepared']['fingerprint'][:12]}, "
+            f"but {prepared} now holds {source.fingerprint[:12]} (the prepared store changed "
+            f"since normalize ran). {FIX}"
+        )
+    constants = store if how.constants is None else None
+    n = int(source.images.shape[0])
+    return NormalizedDataset(
+        store, attrs, 0, n, channels_first, OnRead(source.path, how, constants)
+    )

@@ -21,6 +21,7 @@ __all__ = [
     "DATASET_MODES",
     "PER_IMAGE_MODES",
     "Constants",
+    "Normalization",
     "apply",
     "dataset_constants",
     "invert",
@@ -69,13 +70,52 @@ def dataset_constants(mode: str, stats: Stats, input_scale: str) -> Constants:
 
 
 def per_image_constants(block: np.ndarray, mode: str, eps: float, divisor: float) -> Constants:
-    """Each sample's own mean and (std + eps), over all channels or per channel."""
-    x = block.astype(np.float64) / divisor
-    axes = (1, 2, 3) if mode == "per_image" else (1, 2)
-    shape = (len(block), block.shape[-1])  # (n, C) for both: one layout for the stored arrays
-    offset = np.broadcast_to(x.mean(axis=axes).reshape(len(block), -1), shape).copy()
-    scale = np.broadcast_to(x.std(axis=axes).reshape(len(block), -1) + eps, shape).copy()
+    """Each sample's own mean and (std + eps), over all channels or per channel.
+
+    Computed one image at a time, so a sample's constants do not depend on which other samples
+    share its block: a batch read in any order gets the bits the normalize stage stored.
+    """
+    axes = (0, 1, 2) if mode == "per_image" else (0, 1)
+    n, c = len(block), block.shape[-1]
+    offset = np.empty((n, c), dtype=np.float64)  # (n, C) for both: one layout for the arrays
+    scale = np.empty((n, c), dtype=np.float64)
+    for i in range(n):
+        x = block[i].astype(np.float64) / divisor
+        offset[i] = x.mean(axis=axes)
+        scale[i] = x.std(axis=axes) + eps
     return Constants(offset=offset, scale=scale, divisor=divisor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normalization:
+    """One normalization setting: what turns a block of prepared pixels into normalized values.
+
+    The normalize stage, ``pipeline verify`` and normalize-on-read all call :meth:`block`, so
+    the values a reader computes are the bits the stage stores.
+    """
+
+    mode: str
+    constants: Constants | None  # None for the per-image modes: computed from each block
+    eps: float
+    divisor: float
+    dtype: str
+
+    @classmethod
+    def from_stats(
+        cls, mode: str, stats: Stats, input_scale: str, eps: float, dtype: str
+    ) -> Normalization:
+        """The setting for ``mode`` with constants from fitted ``stats``."""
+        divisor = float(stats.pixel_max) if input_scale == "unit" else 1.0
+        constants = None if mode in PER_IMAGE_MODES else dataset_constants(mode, stats, input_scale)
+        return cls(mode=mode, constants=constants, eps=eps, divisor=divisor, dtype=dtype)
+
+    def block(self, block: np.ndarray) -> tuple[np.ndarray, Constants]:
+        """Normalized values of an (n, H, W, C) integer block and the constants used."""
+        constants = self.constants
+        if self.mode in PER_IMAGE_MODES:
+            constants = per_image_constants(block, self.mode, self.eps, self.divisor)
+        assert constants is not None
+        return apply(block, constants, self.dtype), constants
 
 
 def _lut(constants: Constants, pixel_max: int, dtype: np.dtype) -> np.ndarray:

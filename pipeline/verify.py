@@ -24,11 +24,11 @@ from pipeline.images import DecodeError, decode_image
 from pipeline.location import Location, parse_location
 from pipeline.normalize import expected_block
 from pipeline.params import BaseParams, IngestParams
-from pipeline.reader import check_lineage, lineage_target, normalized_store_path
+from pipeline.reader import check_lineage, lineage_only, lineage_target, normalized_store_path
 from pipeline.runner import run_tasks
 from pipeline.statsfile import load_stats
 from pipeline.store import PREPARED_SCHEMA, PreparedStore, open_prepared, read_samples
-from pipeline.transform import PER_IMAGE_MODES, Constants, dataset_constants
+from pipeline.transform import PER_IMAGE_MODES, Normalization
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -51,23 +51,12 @@ class VerifyReport:
         return not self.mismatched and not self.problems
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Normalization:
-    """How the normalized store says it was made (what :func:`expected_block` needs)."""
-
-    mode: str
-    constants: Constants | None
-    eps: float
-    divisor: float
-    dtype: str
-
-
 def _check_block(
     prepared: str,
     normalized: str | None,
     indices: list[int],
     digests: np.ndarray,
-    how: _Normalization | None,
+    how: Normalization | None,
     offset: np.ndarray | None,
     scale: np.ndarray | None,
 ) -> tuple[list[int], list[int]]:
@@ -75,7 +64,7 @@ def _check_block(
     their digests) among ``indices``, one contiguous run of one shard."""
     start, stop = indices[0], indices[-1] + 1
     try:
-        raw = np.array(read_samples(prepared, start, stop))
+        raw = read_samples(prepared, start, stop)  # a new array: no copy needed
         stored = (
             None
             if normalized is None
@@ -84,14 +73,15 @@ def _check_block(
     except Exception:  # a damaged shard: every sample in it counts as a mismatch
         return list(indices), []
     wanted = np.asarray(indices) - start
-    changed = [int(i) for i in np.asarray(indices)[image_digests(raw[wanted]) != digests]]
-    if how is None or stored is None:
-        return [], changed
+    picked = raw if len(wanted) == len(raw) else raw[wanted]  # a whole run: no copy
+    changed = [int(i) for i in np.asarray(indices)[image_digests(picked) != digests]]
+    if how is None or (stored is None and how.mode not in PER_IMAGE_MODES):
+        return [], changed  # a lineage-only store of a dataset mode: its values are on read
     want, used = expected_block(raw, how.mode, how.constants, how.eps, how.divisor, how.dtype)
     bad = []
     for i in indices:
         k = i - start
-        same = np.array_equal(want[k], stored[k], equal_nan=True)
+        same = stored is None or np.array_equal(want[k], stored[k], equal_nan=True)
         if how.mode in PER_IMAGE_MODES and offset is not None and scale is not None:
             same = same and np.array_equal(used.offset[k], offset[i])
             same = same and np.array_equal(used.scale[k], scale[i])
@@ -110,7 +100,7 @@ def _check_samples(
     report: VerifyReport,
     source: PreparedStore,
     normalized: Location | None,
-    how: _Normalization | None,
+    how: Normalization | None,
     arrays: tuple[np.ndarray, np.ndarray] | None,
     chosen: list[int],
     base: BaseParams,
@@ -220,15 +210,8 @@ def _open_normalized(store: Location, report: VerifyReport) -> tuple[Any, ...] |
             f"{prepared} holds {source.fingerprint[:12]}"
         )
         return None
-    mode = attrs["mode"]
-    how = _Normalization(
-        mode=mode,
-        constants=None
-        if mode in PER_IMAGE_MODES
-        else dataset_constants(mode, stats, attrs["input_scale"]),
-        eps=float(attrs["eps"]),
-        divisor=float(attrs["divisor"]),
-        dtype=str(attrs["dtype"]),
+    how = Normalization.from_stats(
+        attrs["mode"], stats, attrs["input_scale"], float(attrs["eps"]), str(attrs["dtype"])
     )
     return attrs, source, how, (offset, scale)
 
@@ -260,10 +243,11 @@ def verify_store(
         opened = _open_normalized(normalized, report)
         if opened is None:
             return report
-        _, store, how, arrays = opened
+        attrs, store, how, arrays = opened
         n = int(store.images.shape[0])
         chosen = _chosen(n, sample, seed)
-        _check_samples(report, store, normalized, how, arrays, chosen, base)
+        values = None if lineage_only(attrs) else normalized  # lineage: no stored values
+        _check_samples(report, store, values, how, arrays, chosen, base)
     if source is not None and decode > 0:
         _redecode(report, store, parse_location(source, "--source"), decode, seed)
     return report

@@ -84,6 +84,8 @@ CASES = [
          ["stats.eps", "inf", "finite"]),
     Case("normalize-eps-nan", "normalize:\n  eps: .nan\n", NORMALIZE,
          ["normalize.eps", "nan", "finite"]),
+    Case("normalize-store-unknown", "normalize:\n  store: uint8\n", NORMALIZE,
+         ["normalize.store", "uint8", "'float', 'lineage'"]),
     _case("duplicate-key", _ingest(
         "ingest:\n  codec: zstd\n  codec: lz4\n", "Duplicate key 'codec'", "line 3", "params.yaml"
     )),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,26 @@ def test_check_names_the_changed_samples() -> None:
     block[2, 0, 0, 0] = 1
     with pytest.raises(StoreError, match=r"store: the pixels of sample\(s\) 12 do not match"):
         check_digests(block, digests, 10, "store")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill"), [("uint8", 0), ("uint8", 255), ("uint16", 0), ("uint16", 65535)]
+)
+def test_digest_of_extreme_images(dtype: str, fill: int) -> None:
+    """All-0 and all-max images, one sample, odd sizes: the C-order bytes' CRC-32C."""
+    block = np.full((1, 7, 5, 3), fill, dtype=dtype)
+    block.flags.writeable = False  # read-only arrays (memory maps, shared buffers) are digested
+    assert image_digests(block).tolist() == [crc32c_reference(block[0].tobytes())]
+
+
+def test_digests_of_large_images_from_two_threads() -> None:
+    """Images past the sizes where the hardware CRC runs interleaved streams (and releases the
+    GIL), digested from two threads at once, match google-crc32c, an independent CRC-32C."""
+    import google_crc32c
+
+    rng = np.random.default_rng(3)
+    blocks = [rng.integers(0, 256, (4, 129, 131, 3), dtype=np.uint8) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(image_digests, blocks))
+    for block, digests in zip(blocks, got, strict=True):
+        assert digests.tolist() == [google_crc32c.value(b.tobytes()) for b in block]

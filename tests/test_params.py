@@ -162,6 +162,7 @@ ROUND_TRIPS = [
     ("normalize", {"codec": "lz4"}, {"codec": "lz4"}),
     ("normalize", {"codec_level": 3}, {"codec_level": 3}),
     ("normalize", {"record_git_revision": True}, {"record_git_revision": True}),
+    ("normalize", {"store": "lineage"}, {"store": "lineage"}),
 ]
 
 
@@ -326,6 +327,7 @@ BAD_VALUES: list[Any] = [
     ("normalize", {"input_scale": "01"}, "normalize.input_scale", ("pixel", "unit")),
     ("normalize", {"codec": "gzip"}, "normalize.codec", ("none", "zstd", "lz4")),
     ("normalize", {"record_git_revision": "yes"}, "normalize.record_git_revision", None),
+    ("normalize", {"store": "uint8"}, "normalize.store", ("float", "lineage")),
 ]
 
 
