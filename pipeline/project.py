@@ -92,6 +92,7 @@ COMMENTS = {
     "normalize.codec": "none | zstd | lz4",
     "normalize.codec_level": "compression level",
     "normalize.record_git_revision": "true: also record HEAD (changes the store every commit)",
+    "normalize.store": "float | lineage (lineage and constants only: normalize on read)",
 }
 
 

@@ -526,7 +526,11 @@ def rerun_and_check(setup: Setup) -> None:
     proc = cli(*setup.args, cwd=setup.cwd)
     assert proc.returncode == 0, proc.stderr
     assert setup.outputs() == setup.reference, diff(setup.outputs(), setup.reference)
-    assert setup.stage != "stats" or sorted(os.listdir(setup.out)) == ["stats.json", "stats.zarr"]
+    assert setup.stage != "stats" or sorted(os.listdir(setup.out)) == [
+        "metrics.json",
+        "stats.json",
+        "stats.zarr",
+    ]
     assert setup.temporaries() == []
 
 
