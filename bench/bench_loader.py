@@ -40,9 +40,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ import zarr
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stats import machine_facts, make_images, timed, wait_idle
+from bench_stats import machine_facts, make_images, timed, wait_idle, workdir
 
 from pipeline import load_stats, open_normalized
 
@@ -568,18 +567,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def workdir(parent: str | None, keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench_loader_", dir=parent))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"kept {path}", file=sys.stderr)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--n", type=int, default=6000, help="JPEGs to generate (default 6000)")
@@ -615,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine_facts(), "versions": versions(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
-    with workdir(args.tmp, args.keep) as work:
+    with workdir(args.tmp, args.keep, "bench_loader_") as work:
         t0 = time.perf_counter()
         st = build_stores(work, args.n, args.size, args.source_size, args.seed)
         log(f"JPEGs and stores built in {time.perf_counter() - t0:.0f} s")

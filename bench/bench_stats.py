@@ -557,8 +557,8 @@ def fmt_table(rows: Sequence[Row], reference: Row) -> str:
 
 
 @contextlib.contextmanager
-def workdir(parent: str | None, keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench_stats_", dir=parent))
+def workdir(parent: str | None, keep: bool, prefix: str = "bench_stats_") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield path
     finally:

@@ -243,6 +243,21 @@ class DvcRepo:
     params: dict[str, Any]  # params.yaml as written into work
 
 
+
+def tool_env(home: Path) -> dict[str, str]:
+    """Environment for real git/dvc/pipeline subprocesses: this venv's tools first, HOME at
+    ``home``, analytics off, a git identity."""
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+
 def make_dvc_repo(
     base: Path,
     params_overrides: Mapping[str, Mapping[str, Any]],
@@ -254,16 +269,7 @@ def make_dvc_repo(
     work, home = base / "repo", base / "home"
     work.mkdir()
     home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
+    env = tool_env(home)
     if edit_dvc is None:
         shutil.copy(ROOT / "dvc.yaml", work)
     else:

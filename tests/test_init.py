@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import BIN, run
+from conftest import run, tool_env
 from PIL import Image
 
 from pipeline import __version__
@@ -44,16 +43,7 @@ USER_IGNORE = "*.log\n/model.pt"  # no final newline
 def env_for(tmp: Path) -> dict[str, str]:
     home = tmp / "home"
     home.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
+    return tool_env(home)
 
 
 def user_repo(tmp: Path, *, dvc: str | None = USER_DVC, params: str | None = USER_PARAMS) -> Path:
