@@ -31,7 +31,7 @@ from bench_stats import build_store, ingest_template, make_view, timed, wait_idl
 from distributed import LocalCluster
 
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
+from pipeline.stats.stage import run_stats
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "out" / "cluster.json"

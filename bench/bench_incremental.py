@@ -529,13 +529,12 @@ def parts_breakdown(corpus: Corpus, k: int, scratch: Path) -> dict[str, float]:
     """
     import zarr
 
-    from pipeline.cache import open_cache
-    from pipeline.images import decode_image
-    from pipeline.ingest import decoded_key
-    from pipeline.packs import add_pack, image_crc, load_index, read_packed
+    from pipeline.cache.entries import open_cache
+    from pipeline.cache.packs import add_pack, decoded_key, image_crc, load_index, read_packed
+    from pipeline.ingest.images import decode_image
     from pipeline.params import parse_params
-    from pipeline.stats import block_moments
-    from pipeline.store import create_images_array
+    from pipeline.stats.moments import block_moments
+    from pipeline.zarrstore.store import create_images_array
 
     k = min(k, corpus.n)
     ip = parse_params({"ingest": {"image_size": list(STORED)}}).ingest
@@ -551,7 +550,7 @@ def parts_breakdown(corpus: Corpus, k: int, scratch: Path) -> dict[str, float]:
 
     write_shard: Any = None
     with contextlib.suppress(ImportError):  # the shard writer of ingest, where the code has one
-        from pipeline.shards import write_shard
+        from pipeline.zarrstore.shardwrite import write_shard
 
     def write(shard: tuple[int, int]) -> None:
         """Write one whole shard into a new store, as every ingest does (new files)."""

@@ -7,7 +7,8 @@ What is compared, on N synthetic photo-like JPEGs (q90, about 17 KB each) in cla
   range of one shared ``np.memmap`` file. No hashing, no manifest, no Zarr: the least work that
   turns the folder into pixels on disk with both cores. Timed from listing the folder to the
   last worker exiting, process start-up included.
-- pipeline: ``pipeline.ingest.run_ingest`` with ``ingest.image_size`` (formerly ``size``) equal
+- pipeline: ``pipeline.ingest.stage.run_ingest`` with ``ingest.image_size`` (formerly ``size``)
+equal
   to the image size (no resize), timed as wall clock including Dask's worker start-up. Twice:
   as a first run does it (an empty decode cache that the run fills, the default), and with the
   cache off (what the cache costs when nothing can be reused).
@@ -295,7 +296,7 @@ def make_params(src: Path, size: int, config: Config) -> Any:
 
 def cache_for(out: Path, config: Config) -> Any:
     """The decode cache of a run: ``out``'s sibling folder (emptied between runs), or off."""
-    from pipeline.cache import Cache
+    from pipeline.cache.entries import Cache
 
     return Cache(root=out.parent / "ingest-cache", limit=10**12, enabled=config.cache)
 
@@ -304,7 +305,7 @@ def run_pipeline(src: Path, out: Path, size: int, config: Config) -> None:
     """Run ``run_ingest`` once."""
     import dask
 
-    from pipeline.ingest import run_ingest
+    from pipeline.ingest.stage import run_ingest
 
     with dask.config.set(config.dask):
         run_ingest(src, out, make_params(src, size, config), cache=cache_for(out, config))
@@ -390,7 +391,7 @@ class TreeRssPoller:
 
 def peak_child_main(src: Path, out: Path, size: int) -> None:
     """Helper mode: ingest once in this (fresh) process and print peak RSS facts as JSON."""
-    from pipeline.ingest import run_ingest
+    from pipeline.ingest.stage import run_ingest
 
     params = make_params(src, size, DEFAULT)
     start_hwm = vm_hwm()
@@ -700,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.peak_child:
         peak_child_main(Path(args.peak_child[0]), Path(args.peak_child[1]), args.size)
         return
-    import pipeline.ingest  # noqa: F401  (import cost stays out of the first timed run)
+    import pipeline.ingest.stage  # noqa: F401  (import cost stays out of the first timed run)
 
     facts = machine_facts()
     print("machine:", json.dumps(facts))

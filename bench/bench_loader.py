@@ -8,7 +8,7 @@ epochs, batch 64, shuffled and sequential, 0 and 2 DataLoader workers, of:
 - ``DataLoader(ds, batch_size=64, shuffle=...)`` on ``open_normalized(..., channels_first=True)``
   (the plain loader a user writes first; each batch is one ``__getitems__`` call);
 - the quasi-random iterator ``ds.batches(64, ...)`` (0 workers) and its batch sampler in a
-  DataLoader (2 workers), when ``pipeline.batches`` is there;
+  DataLoader (2 workers), when ``pipeline.reader.batches`` is there;
 - normalize-on-read: ``open_normalized(prepared, stats=...)`` on the uint8 store, when there;
 - torchvision ``ImageFolder`` + Resize/CenterCrop/ToTensor/Normalize on the source JPEGs;
 - LitData (``litdata.optimize`` of the same uint8 pixels, raw arrays, no normalization, read
@@ -347,11 +347,11 @@ def _iterator_epoch(ds: Any, shuffle: bool, workers: int) -> Callable[[int], int
 
 
 def make_batch_sampler(ds: Any, shuffle: bool) -> Any:
-    """pipeline.batches' batch sampler (index lists, ``set_epoch``) for ``ds``, or None."""
+    """pipeline.reader.batches' batch sampler (index lists, ``set_epoch``) for ``ds``, or None."""
     if callable(getattr(ds, "batch_sampler", None)):
         return ds.batch_sampler(BATCH, shuffle=shuffle, seed=0)
     try:
-        import pipeline.batches as batches
+        import pipeline.reader.batches as batches
     except ImportError:
         return None
     kinds = [getattr(batches, name) for name in getattr(batches, "__all__", dir(batches))]

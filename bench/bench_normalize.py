@@ -1,8 +1,8 @@
 """Normalize stage throughput against "read + write a same-size float store", same run.
 
 Inputs are made with the real stages: N synthetic photo-like 256x256 RGB JPEGs (q90; smooth
-gradients, flat shapes, mild noise, seeded) -> ``pipeline.ingest.run_ingest`` (16 images per
-chunk, 256 per shard, no codec) -> ``pipeline.stats_stage.run_stats``. Then, on the warm
+gradients, flat shapes, mild noise, seeded) -> ``pipeline.ingest.stage.run_ingest`` (16 images per
+chunk, 256 per shard, no codec) -> ``pipeline.stats.stage.run_stats``. Then, on the warm
 (page-cached) prepared store, median of ``--reps`` repetitions. Every pipeline run sits right
 beside a fresh run of its baseline (order alternating by rep), so slow phases of a noisy VM hit
 both; besides the ratio of medians each row reports the median of these paired ratios, which is
@@ -10,15 +10,16 @@ the steadier number when other processes share the 2 cores:
 
 1. baseline: the same Dask threads scheduler (2 workers), one task per 256-image shard; each task
    reads its shard and writes ``block.astype(dtype)`` as one whole shard of an array made with
-   ``pipeline.store.create_images_array`` (same chunks, shards and codec as the stage's output).
+   ``pipeline.zarrstore.store.create_images_array`` (same chunks, shards and codec as the stage's
+   output).
    No normalization math: this is the cost of reading and writing a same-size float store.
-2. ``pipeline.normalize.run_normalize`` (wall clock, lineage and sample arrays included) for
+2. ``pipeline.normalize.stage.run_normalize`` (wall clock, lineage and sample arrays included) for
    per_channel and per_pixel in float32 and float16, per_image in float32, and per_channel
    float32 with codec lz4 and zstd, each against the baseline with the same dtype and codec.
    Each row also records the summed time the two worker threads spent inside
    ``expected_block`` (the normalization math) and in the Dask task phase, by wrapping those two
-   names of ``pipeline.normalize`` while the row runs (the package itself is not changed).
-3. ``pipeline.transform.apply`` alone on one in-memory 256-image block of the store, per mode,
+   names of ``pipeline.normalize.stage`` while the row runs (the package itself is not changed).
+3. ``pipeline.normalize.modes.apply`` alone on one in-memory 256-image block of the store, per mode,
    1 thread (and 2 threads on two blocks for the per-channel path), plus faster candidates for
    the per-channel lookup-table path and the per-pixel float64 path. Every candidate is checked
    bit-identical to ``apply`` (``np.array_equal``).
@@ -62,15 +63,15 @@ import zarr
 from cpuload import own_cpu, proc_stat
 from PIL import Image, ImageDraw
 
-import pipeline.normalize as normalize_module
-from pipeline.ingest import run_ingest
-from pipeline.normalize import expected_block, run_normalize
+import pipeline.normalize.stage as normalize_module
+from pipeline.core.runner import resolve_scheduler
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.modes import Constants, _lut, apply, dataset_constants, per_image_constants
+from pipeline.normalize.stage import expected_block, run_normalize
 from pipeline.params import Params, parse_params
-from pipeline.runner import resolve_scheduler
-from pipeline.stats_stage import run_stats
-from pipeline.statsfile import load_stats
-from pipeline.store import create_images_array
-from pipeline.transform import Constants, _lut, apply, dataset_constants, per_image_constants
+from pipeline.stats.document import load_stats
+from pipeline.stats.stage import run_stats
+from pipeline.zarrstore.store import create_images_array
 
 BENCH_DIR = Path(__file__).resolve().parent
 # The setup's ingest and stats need no cache (and should not fill the user's with benchmark data).
@@ -708,7 +709,7 @@ def micro(prepared: Path, stats_dir: Path, reps: int) -> dict[str, Any]:
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.normalize import run_normalize
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
 
 def hwm():

@@ -7,7 +7,7 @@ measures, median of ``--reps`` repetitions, interleaved so slow phases of a nois
 1. pure read: a Dask pass that reads the same blocks as the stats stage (one shard of 256 images
    per task, threads scheduler, 2 workers) and reduces each to one element; and zarr's own
    sequential read loop (fresh arrays, and into one reused ``out=`` buffer) for reference.
-2. ``pipeline.stats_stage.run_stats`` end to end (Dask pass, aggregate, stats.json/zarr
+2. ``pipeline.stats.stage.run_stats`` end to end (Dask pass, aggregate, stats.json/zarr
    written), and inside the same calls the time of its Dask pass (``compute_moments``) and of
    ``aggregate``.
 3. the textbook ``dask.array`` recipe (``da.from_zarr``, mean/std over (0,1,2), mean image) on
@@ -59,17 +59,17 @@ import zarr
 from cpuload import own_cpu, proc_stat
 from PIL import Image
 
-import pipeline.stats
-import pipeline.stats_kernel
-import pipeline.stats_numpy
-import pipeline.stats_stage
-from pipeline.digests import image_digests
-from pipeline.ingest import run_ingest
+import pipeline.stats.kernel
+import pipeline.stats.kernel_numpy
+import pipeline.stats.moments
+import pipeline.stats.stage
+from pipeline.core.digests import image_digests
+from pipeline.core.runner import resolve_scheduler
+from pipeline.ingest.stage import run_ingest
 from pipeline.params import Params, parse_params
-from pipeline.runner import resolve_scheduler
-from pipeline.stats import aggregate, block_moments, combine
-from pipeline.stats_stage import run_stats
-from pipeline.store import (
+from pipeline.stats.moments import aggregate, block_moments, combine
+from pipeline.stats.stage import run_stats
+from pipeline.zarrstore.store import (
     create_images_array,
     open_prepared,
     prepared_fingerprint,
@@ -337,12 +337,12 @@ def zarr_loop(images_path: Path, n: int, *, reuse: bool) -> int:
 def run_stats_parts(view: Path, out_dir: Path, params: Params) -> dict[str, float | None]:
     """One run_stats call, timing its Dask pass and its aggregate step from inside.
 
-    ``compute_moments`` and ``aggregate`` are looked up in pipeline.stats_stage at call time,
+    ``compute_moments`` and ``aggregate`` are looked up in pipeline.stats.stage at call time,
     so wrapping them there times the very calls run_stats makes; "rest" is the remainder
     (opening the store, building stats.json, writing and hashing stats.zarr). If a name is
     missing (the stage was refactored) its part is reported as None.
     """
-    mod = pipeline.stats_stage
+    mod = pipeline.stats.stage
     spent: dict[str, float] = {}
     saved = {}
     for name in ("compute_moments", "aggregate"):
@@ -404,7 +404,7 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
+from pipeline.stats.stage import run_stats
 
 def hwm():
     for line in open("/proc/self/status"):
@@ -446,7 +446,7 @@ def _best_time(fn: Callable[[], Any], reps: int) -> float:
 
 def kernel_steps(images_path: Path, reps: int) -> list[dict[str, Any]]:
     """Each step of block_moments on one 256-image block: the numpy version's steps (mirrors
-    pipeline/stats_numpy.py) and the compiled kernel's two passes.
+    pipeline/stats/kernel_numpy.py) and the compiled kernel's two passes.
 
     "1 thread" is one call on one block; "2 threads" runs the same step on two different
     blocks concurrently and reports the speed-up over doing them one after the other. Best of
@@ -471,8 +471,8 @@ def kernel_steps(images_path: Path, reps: int) -> list[dict[str, Any]]:
         s = rows[i].astype(np.uint16)
         np.multiply(s, s, out=s)
 
-    histogram = getattr(pipeline.stats_numpy, "_histogram", None)
-    image_std = getattr(pipeline.stats, "_image_std", None)
+    histogram = getattr(pipeline.stats.kernel_numpy, "_histogram", None)
+    image_std = getattr(pipeline.stats.moments, "_image_std", None)
     flat = [np.ascontiguousarray(b).reshape(n, -1) for b in blocks]
     counts_like = np.empty(0, np.uint32)
     moments = [block_moments(b) for b in blocks]
@@ -492,13 +492,13 @@ def kernel_steps(images_path: Path, reps: int) -> list[dict[str, Any]]:
         ("numpy: histogram (bincount of byte pairs)",
          None if histogram is None else lambda i: histogram(blocks[i], 255)),
         ("numpy: all sums (`stats_numpy.moment_sums`)",
-         lambda i: pipeline.stats_numpy.moment_sums(blocks[i])),
+         lambda i: pipeline.stats.kernel_numpy.moment_sums(blocks[i])),
         ("compiled: per-pixel sums pass (`pixel_sums`)",
-         lambda i: pipeline.stats_kernel.pixel_sums(flat[i])),
+         lambda i: pipeline.stats.kernel.pixel_sums(flat[i])),
         ("compiled: histogram + per-image sums pass (`histogram_u8`)",
-         lambda i: pipeline.stats_kernel.histogram_u8(flat[i], c, counts_like)),
+         lambda i: pipeline.stats.kernel.histogram_u8(flat[i], c, counts_like)),
         ("compiled: all sums (`stats_kernel.moment_sums`)",
-         lambda i: pipeline.stats_kernel.moment_sums(blocks[i])),
+         lambda i: pipeline.stats.kernel.moment_sums(blocks[i])),
         ("image_std from the per-image sums",
          None if image_std is None else lambda i: image_std(sums[i][0], sums[i][1], h * w)),
         ("block_moments (whole)", lambda i: block_moments(blocks[i])),
@@ -600,8 +600,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     n = args.n
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sources = {name: hashlib.sha256((REPO / "pipeline" / name).read_bytes()).hexdigest()[:12]
-               for name in ("stats.py", "stats_kernel.py", "stats_numpy.py", "stats_stage.py",
-                            "statsfile.py", "store.py")
+               for name in ("stats/moments.py", "stats/kernel.py", "stats/kernel_numpy.py",
+                            "stats/stage.py", "stats/document.py", "zarrstore/store.py")
                if (REPO / "pipeline" / name).exists()}
     results: dict[str, Any] = {
         "argv": sys.argv[1:],

@@ -33,14 +33,14 @@ import zarr
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stats import build_store, ingest_template, make_view
 
-from pipeline.digests import check_digests
-from pipeline.normalize import run_normalize
+from pipeline.core.digests import check_digests
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
-from pipeline.shardread import open_shard_reader
-from pipeline.stats import block_moments
-from pipeline.stats_stage import _read_moments, run_stats
-from pipeline.store import open_prepared, read_samples
-from pipeline.verify import verify_store
+from pipeline.stats.moments import block_moments
+from pipeline.stats.stage import _read_moments, run_stats
+from pipeline.tools.verify import verify_store
+from pipeline.zarrstore.shardread import open_shard_reader
+from pipeline.zarrstore.store import open_prepared, read_samples
 
 
 def _ms(fn: object, reps: int = 5) -> float:
@@ -55,7 +55,7 @@ def _ms(fn: object, reps: int = 5) -> float:
 
 def breakdown(view: Path, block: int) -> None:
     """Where one block's time goes, one thread; then 2 threads on 2 blocks."""
-    from pipeline.stats_kernel import histogram_u8, moment_sums, pixel_sums
+    from pipeline.stats.kernel import histogram_u8, moment_sums, pixel_sums
 
     images = view / "images"
     path = str(images)

@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 __all__ = ["NormalizedDataset", "Stats", "__version__", "load_stats", "open_normalized"]
 
 # Imported on first use (PEP 562), so a stage command loads only the code it runs: the stages'
-# recorded code digests (pipeline/stagecode.py) then cover just that code.
+# recorded code digests (pipeline/core/stagecode.py) then cover just that code.
 _LAZY = {
-    "NormalizedDataset": "pipeline.reader",
-    "open_normalized": "pipeline.reader",
-    "Stats": "pipeline.statsfile",
-    "load_stats": "pipeline.statsfile",
+    "NormalizedDataset": "pipeline.reader.dataset",
+    "open_normalized": "pipeline.reader.dataset",
+    "Stats": "pipeline.stats.document",
+    "load_stats": "pipeline.stats.document",
 }
 
 

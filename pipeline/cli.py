@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.params import Params, load_params
 
 app = typer.Typer(
@@ -137,7 +137,7 @@ def main(
 
     _GLOBAL["params_prefix"] = parse_prefix(params_prefix)
     if version_check is not None:
-        from pipeline.project import check_version
+        from pipeline.tools.project import check_version
 
         check_version(version_check)
 
@@ -149,7 +149,7 @@ def sample(
     params: ParamsOption = None,
 ) -> None:
     """Build the embedded sample collection of real photos (from scikit-image) in OUT_DIR."""
-    from pipeline.sample import run_sample
+    from pipeline.sample.stage import run_sample
 
     p = _load(params).sample
     n = run_sample(out_dir, seed=p.seed, images_per_class=p.images_per_class)
@@ -169,7 +169,7 @@ def ingest(
     params: ParamsOption = None,
 ) -> None:
     """Decode SOURCE into the sharded Zarr store OUT/images.zarr with its manifest."""
-    from pipeline.ingest import run_ingest
+    from pipeline.ingest.stage import run_ingest
 
     result = run_ingest(source, out, _load(params), progress=True)
     splits = ", ".join(f"{k} {v}" for k, v in result.per_split.items())
@@ -194,8 +194,8 @@ def stats(
     params: ParamsOption = None,
 ) -> None:
     """Fit exact statistics on the stats.fit_split split of PREPARED, in one chunked pass."""
-    from pipeline.location import parse_location
-    from pipeline.stats_stage import run_stats
+    from pipeline.core.location import parse_location
+    from pipeline.stats.stage import run_stats
 
     images = parse_location(prepared, "PREPARED") / "images.zarr"
     run = run_stats(images, out_dir, _load(params), progress=True)
@@ -227,7 +227,7 @@ def normalize(
     params: ParamsOption = None,
 ) -> None:
     """Apply the fitted statistics to every split of PREPARED: OUT/images.zarr with lineage."""
-    from pipeline.normalize import run_normalize
+    from pipeline.normalize.stage import run_normalize
 
     lineage = run_normalize(prepared, stats_dir, out, _load(params), progress=True)
     typer.echo(
@@ -259,7 +259,7 @@ def verify(
     """Check STORE: a normalized store is recomputed from its prepared store and stats, a
     prepared store's pixels are checked against their recorded digests; with --source and
     --decode N, N seeded source files are decoded afresh and compared. Exit 1 on any mismatch."""
-    from pipeline.verify import verify_store
+    from pipeline.tools.verify import verify_store
 
     if sample is not None and sample < 1:
         raise _bad_option("--sample", sample, "an integer >= 1 (or leave it out to check all)")
@@ -296,8 +296,8 @@ def show(
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("show"),
 ) -> None:
     """Write PNGs of raw | normalized (rescaled for viewing) | denormalized samples."""
-    from pipeline.reader import open_normalized
-    from pipeline.show import show_samples
+    from pipeline.reader.dataset import open_normalized
+    from pipeline.tools.show import show_samples
 
     n = len(open_normalized(store, verify=False))
     for index in indices:
@@ -322,8 +322,8 @@ def export(
     mode: Annotated[str, typer.Option(help="per_channel | global | per_pixel")] = "per_channel",
 ) -> None:
     """Print the fitted constants ready to paste, in the chosen library's units."""
-    from pipeline.export import export_constants
-    from pipeline.statsfile import load_stats
+    from pipeline.stats.document import load_stats
+    from pipeline.tools.export import export_constants
 
     typer.echo(export_constants(load_stats(stats_dir), format, mode), nl=False)
 
@@ -355,15 +355,15 @@ def audit(
     ] = None,
 ) -> None:
     """Compare the statistics of data versions (git revisions): counts, mean, std, drift."""
-    from pipeline.audit import audit_revisions, print_audit
-    from pipeline.plots import write_audit_plots
+    from pipeline.report.audit import audit_revisions, print_audit
+    from pipeline.report.plots import write_audit_plots
 
     if fail_on_drift is not None and not 0 <= fail_on_drift < float("inf"):
         raise _bad_option("--fail-on-drift", fail_on_drift, "a finite number >= 0")
     if plots is not None:
-        from pipeline.audit import DEFAULT_STATS
-        from pipeline.outputs import check_outside
-        from pipeline.revisions import repo_root
+        from pipeline.core.outputs import check_outside
+        from pipeline.report.audit import DEFAULT_STATS
+        from pipeline.report.revisions import repo_root
 
         json_path = stats if stats is not None else repo_root(Path.cwd()) / DEFAULT_STATS
         check_outside(plots, {"the stats folder": json_path.parent}, out_name="--plots")
@@ -389,7 +389,7 @@ def report(
     out_dir: Annotated[Path, typer.Argument(help="Output folder for the plot files.")],
 ) -> None:
     """Write OUT_DIR/histogram.json, mean_image.png and std_image.png for `dvc plots`."""
-    from pipeline.plots import write_report
+    from pipeline.report.stage import write_report
 
     written = write_report(stats_dir, out_dir)
     typer.echo(f"report: {', '.join(p.name for p in written)} -> {out_dir}")
@@ -417,7 +417,7 @@ def _size(n: int) -> str:
 @_reports_errors
 def cache_info(directory: CacheDirOption = None) -> None:
     """Where the cache is, how much it holds and its size limit."""
-    from pipeline.cache import open_cache
+    from pipeline.cache.entries import open_cache
 
     cache = open_cache(directory)
     if not cache.enabled:
@@ -440,8 +440,8 @@ def cache_info(directory: CacheDirOption = None) -> None:
 @_reports_errors
 def cache_clear(directory: CacheDirOption = None) -> None:
     """Delete every cache entry: the next runs decode and reduce everything again."""
-    from pipeline.cache import open_cache
-    from pipeline.registry import sweep_known
+    from pipeline.cache.entries import open_cache
+    from pipeline.core.registry import sweep_known
 
     cache = open_cache(directory)
     swept = sweep_known(cache.root) if cache.enabled else []
@@ -474,7 +474,7 @@ def init(
 ) -> None:
     """Add the stages, params sections and .gitignore lines to the git + DVC project here
     (merged, never overwritten; runs dvc init when needed)."""
-    from pipeline.project import init_project
+    from pipeline.tools.project import init_project
 
     result = init_project(Path.cwd(), source=source, prefix=prefix, force=force, upgrade=upgrade)
     if result.dvc_initialized:
@@ -517,7 +517,7 @@ def fit(
     params: ParamsOption = None,
 ) -> None:
     """Exact mean and std of an image folder, ready to paste, without a DVC project."""
-    from pipeline.fit import fit_folder
+    from pipeline.tools.fit import fit_folder
 
     p = _fit_params(_load(params), split, image_size)
     result = fit_folder(folder, p, fmt=format, mode=mode, progress=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 __all__ = [
     "DEFAULT_PARAMS_FILE",

@@ -37,9 +37,9 @@ import zarr
 from objectstore import moto_server, s3_bucket  # noqa: F401  (fixtures)
 from PIL import Image
 
-from pipeline.ingest import run_ingest
+from pipeline.ingest.stage import run_ingest
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
+from pipeline.stats.stage import run_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -15,15 +15,15 @@ from conftest import make_dvc_repo, run
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.audit import audit_revisions, js_distance
 from pipeline.cli import app
-from pipeline.plots import write_audit_plots
+from pipeline.report.audit import audit_revisions, js_distance
+from pipeline.report.plots import write_audit_plots
 
 runner = CliRunner()
 
 REPORT_STAGE = {
     "cmd": "pipeline report data/stats data/reports",
-    "deps": ["data/stats/stats.json", "data/stats/stats.zarr", "pipeline/plots.py"],
+    "deps": ["data/stats/stats.json", "data/stats/stats.zarr", "pipeline/report/plots.py"],
     "outs": [{"data/reports": {"cache": False}}],
 }
 PLOTS = [

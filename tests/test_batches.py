@@ -17,9 +17,9 @@ import zarr
 from conftest import CHUNK, Fitted, oracle_dataset_constants
 
 from pipeline import open_normalized
-from pipeline.batches import BatchSampler, EpochPlan
-from pipeline.normalize import run_normalize
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
+from pipeline.reader.batches import BatchSampler, EpochPlan
 
 # (samples, first row, chunk): aligned, unaligned start and short last chunk, one chunk, tiny
 PLANS = {
@@ -134,7 +134,7 @@ def test_windows_touch_few_chunks_and_uniform_touches_many(first: int) -> None:
 
 def test_default_buffer_holds_several_batches() -> None:
     ds_like = type("D", (), {"start": 0, "chunk_samples": 16, "__len__": lambda self: 1000})()
-    from pipeline.batches import make_plan
+    from pipeline.reader.batches import make_plan
 
     assert make_plan(ds_like, 64).buffer == 16  # 4 batches of 64 in chunks of 16
     assert make_plan(ds_like, 4).buffer == 8  # at least 8 chunks

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cache import Cache, Entry, cache_key, open_cache, parse_size
+from pipeline.cache.entries import Cache, Entry, cache_key, open_cache, parse_size
 from pipeline.cli import app
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 
 def entry(seed: int, n: int = 1000) -> Entry:

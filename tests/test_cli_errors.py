@@ -25,8 +25,8 @@ import yaml
 from conftest import Fitted
 from PIL import Image
 
-from pipeline.ingest import run_ingest
-from pipeline.normalize import run_normalize
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
 
 # 10**9 values once expanded, in under 400 bytes

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from test_location import local_cluster, local_digests, run_all, write_folder
 
-from pipeline.errors import ParamsError, PipelineError
-from pipeline.ingest import run_ingest
+from pipeline.core.errors import ParamsError, PipelineError
+from pipeline.core.runner import SCHEDULER_ENV, resolve_scheduler
+from pipeline.ingest.stage import run_ingest
 from pipeline.params import parse_params
-from pipeline.runner import SCHEDULER_ENV, resolve_scheduler
 
 distributed = pytest.importorskip("distributed")
 
@@ -59,7 +59,7 @@ def test_url_the_workers_cannot_reach_is_one_error_before_any_work(
     """memory:// exists only in this process: every worker process sees an empty one."""
     import fsspec
 
-    from pipeline.location import parse_location
+    from pipeline.core.location import parse_location
 
     fs = fsspec.filesystem("memory")
     for p in sorted(folder.rglob("*.png")):

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.digests import check_digests, image_digest, image_digests
-from pipeline.errors import StoreError
+from pipeline.core.digests import check_digests, image_digest, image_digests
+from pipeline.core.errors import StoreError
 
 
 def crc32c_reference(data: bytes) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import Cache
-from pipeline.filehash import hash_files, identities, known_hashes, remember_hashes
+from pipeline.cache.entries import Cache
+from pipeline.cache.filehash import hash_files, identities, known_hashes, remember_hashes
 
 PAST_NS = 1_600_000_000 * 10**9  # 2020: long before any run, so not "racily" new
 

@@ -50,13 +50,13 @@ from corpus import (
 from PIL import Image
 
 from pipeline import open_normalized
-from pipeline.errors import BadImagesError, PipelineError, StoreError
-from pipeline.ingest import IngestResult, run_ingest
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import BadImagesError, PipelineError, StoreError
+from pipeline.core.runner import SCHEDULER_ENV
+from pipeline.ingest.stage import IngestResult, run_ingest
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import Params, parse_params
-from pipeline.runner import SCHEDULER_ENV
-from pipeline.stats_stage import run_stats
-from pipeline.verify import verify_store
+from pipeline.stats.stage import run_stats
+from pipeline.tools.verify import verify_store
 
 PY = sys.executable
 ENV = {k: v for k, v in os.environ.items() if k != SCHEDULER_ENV}

@@ -26,8 +26,9 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps, features
 
-from pipeline.errors import StoreError
-from pipeline.images import (
+from pipeline.core.errors import StoreError
+from pipeline.core.location import parse_location
+from pipeline.ingest.images import (
     Decoded,
     DecodeError,
     decode_image,
@@ -39,7 +40,6 @@ from pipeline.images import (
     outside_source,
     split_of,
 )
-from pipeline.location import parse_location
 from pipeline.params import IngestParams, parse_params
 
 Oracle = Callable[[Image.Image], Image.Image]
@@ -931,7 +931,7 @@ def test_split_is_deterministic_across_processes() -> None:
     paths = PATHS[:300]
     script = (
         "import json, sys\n"
-        "from pipeline.images import split_of\n"
+        "from pipeline.ingest.images import split_of\n"
         "paths = json.loads(sys.stdin.read())\n"
         "print(json.dumps([split_of(p, val=0.2, test=0.1) for p in paths]))\n"
     )

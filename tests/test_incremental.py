@@ -21,11 +21,11 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.cache import Cache
-from pipeline.ingest import IngestResult, run_ingest
+from pipeline.cache.entries import Cache
+from pipeline.ingest.stage import IngestResult, run_ingest
 from pipeline.params import Params, parse_params
-from pipeline.stats_stage import StatsRun, run_stats
-from pipeline.statsfile import load_stats
+from pipeline.stats.document import load_stats
+from pipeline.stats.stage import StatsRun, run_stats
 
 SIZE = [20, 24]
 

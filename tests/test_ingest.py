@@ -16,9 +16,9 @@ import zarr
 from PIL import Image, ImageOps
 from test_images import png16
 
-from pipeline.cache import open_cache
-from pipeline.errors import BadImagesError, ParamsError, PipelineError
-from pipeline.ingest import run_ingest
+from pipeline.cache.entries import open_cache
+from pipeline.core.errors import BadImagesError, ParamsError, PipelineError
+from pipeline.ingest.stage import run_ingest
 from pipeline.params import parse_params
 
 SIZE = (24, 32)  # (height, width): not square, so a transposed axis would show

@@ -326,7 +326,7 @@ def test_dvc_repro_in_the_users_project(tmp_path: Path, prefix: str) -> None:
     ],
 )
 def test_merge_keeps_every_layout(text: str) -> None:
-    from pipeline.project import STAGE_NAMES, merge_dvc_yaml
+    from pipeline.tools.project import STAGE_NAMES, merge_dvc_yaml
 
     merged, initialized = merge_dvc_yaml(text, "", force=False, upgrade=False)
     assert not initialized
@@ -346,8 +346,8 @@ def test_merge_keeps_every_layout(text: str) -> None:
 
 
 def test_a_flow_style_stages_mapping_is_refused() -> None:
-    from pipeline.errors import PipelineError
-    from pipeline.project import merge_dvc_yaml
+    from pipeline.core.errors import PipelineError
+    from pipeline.tools.project import merge_dvc_yaml
 
     with pytest.raises(PipelineError, match="block"):
         merge_dvc_yaml("stages: {a: {cmd: echo}}\n", "", force=False, upgrade=False)

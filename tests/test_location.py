@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from pipeline import open_normalized
-from pipeline.errors import BadImagesError, ParamsError
-from pipeline.ingest import run_ingest
-from pipeline.location import Location, parse_location
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import BadImagesError, ParamsError
+from pipeline.core.location import Location, parse_location
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
+from pipeline.stats.stage import run_stats
 
 
 def write_folder(root: Path) -> None:

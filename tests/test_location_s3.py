@@ -21,8 +21,8 @@ from test_location import (
 )
 
 from pipeline import open_normalized
-from pipeline.errors import StoreError
-from pipeline.ingest import run_ingest
+from pipeline.core.errors import StoreError
+from pipeline.ingest.stage import run_ingest
 
 # zarr's FsspecStore makes its own asynchronous s3fs instance (aiohttp session) and never
 # closes it; when it is garbage-collected aiohttp warns. Nothing is lost: the objects are

@@ -35,8 +35,8 @@ from conftest import (
 )
 
 import pipeline
-from pipeline.errors import PipelineError, StoreError
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import PipelineError, StoreError
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
 
 # rgb8 / gray16 (real prepared + stats folders, built once per module): see conftest.py

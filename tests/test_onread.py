@@ -17,10 +17,10 @@ import pytest
 import zarr
 from conftest import MODES, PER_IMAGE, Fitted, assert_bits_equal, oracle_dataset_constants
 
-from pipeline.errors import StoreError
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import StoreError
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
-from pipeline.reader import open_normalized
+from pipeline.reader.dataset import open_normalized
 
 DTYPES = ("float32", "float16")
 SCALES = ("pixel", "unit")
@@ -208,7 +208,7 @@ def test_on_read_reads_4x_and_2x_fewer_bytes(rgb8: Fitted, tmp_path: Path) -> No
 
 
 def test_verify_accepts_a_lineage_store(rgb8: Fitted, tmp_path: Path) -> None:
-    from pipeline.verify import verify_store
+    from pipeline.tools.verify import verify_store
 
     for mode in ("per_channel", "per_image"):
         data = project(rgb8, tmp_path / mode, mode)

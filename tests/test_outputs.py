@@ -24,13 +24,13 @@ import yaml
 from conftest import write_rgb_source
 from PIL import Image
 
-from pipeline.errors import StoreError
-from pipeline.ingest import run_ingest
-from pipeline.location import parse_location
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import StoreError
+from pipeline.core.location import parse_location
+from pipeline.core.registry import FILE, known_outputs
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
-from pipeline.registry import FILE, known_outputs
-from pipeline.stats_stage import run_stats
+from pipeline.stats.stage import run_stats
 
 PARAMS = {
     "base": {"scheduler": "synchronous"},
@@ -226,7 +226,7 @@ def test_memory_urls_equal_or_inside_are_refused() -> None:
             call()
     assert not parse_location(root).exists()  # nothing written
     # Other protocols or other paths do not collide.
-    from pipeline.outputs import check_outside
+    from pipeline.core.outputs import check_outside
 
     check_outside(f"{root}/a", {"IN": f"{root}/ab"})
     check_outside(f"{root}/a", {"IN": "a"})

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import Cache
-from pipeline.packs import (
+from pipeline.cache.entries import Cache
+from pipeline.cache.packs import (
     add_pack,
     drop_superseded,
     load_index,
     mark_used,
     read_packed,
 )
-from pipeline.shards import write_shard
-from pipeline.store import create_images_array
+from pipeline.zarrstore.shardwrite import write_shard
+from pipeline.zarrstore.store import create_images_array
 
 CONFIG = "c0" * 32
 

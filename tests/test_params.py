@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.errors import ParamsError, PipelineError
+from pipeline.core.errors import ParamsError, PipelineError
 from pipeline.params import (
     BaseParams,
     IngestParams,

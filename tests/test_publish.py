@@ -18,11 +18,11 @@ from test_location import (
     write_folder,
 )
 
-from pipeline.errors import StoreError
-from pipeline.ingest import run_ingest
-from pipeline.location import parse_location
-from pipeline.publish import publish, root_markers
-from pipeline.store import open_prepared
+from pipeline.core.errors import StoreError
+from pipeline.core.location import parse_location
+from pipeline.core.publish import publish, root_markers
+from pipeline.ingest.stage import run_ingest
+from pipeline.zarrstore.store import open_prepared
 
 tmpfs = test_hardening.tmpfs  # the fixture: a real 2 MB tmpfs
 

@@ -23,8 +23,8 @@ import zarr
 from conftest import MODES, PER_IMAGE, Fitted, H, W
 
 from pipeline import open_normalized
-from pipeline.errors import StoreError
-from pipeline.normalize import run_normalize
+from pipeline.core.errors import StoreError
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
 
 DATASET_MODES = ("per_channel", "per_pixel", "global", "mean_only", "min_max")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, features
 
-from pipeline.sample import CLASS_SOURCES, Variant, _save, write_sample
+from pipeline.sample.stage import CLASS_SOURCES, Variant, _save, write_sample
 
 SMALL = 6
 EXTENSION_OF_FORMAT = {

@@ -17,11 +17,11 @@ import zarr
 from PIL import Image
 
 from pipeline import load_stats, open_normalized
-from pipeline.ingest import run_ingest
-from pipeline.normalize import run_normalize
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.stage import run_normalize
 from pipeline.params import parse_params
-from pipeline.stats_stage import run_stats
-from pipeline.verify import verify_store
+from pipeline.stats.stage import run_stats
+from pipeline.tools.verify import verify_store
 
 pytestmark = pytest.mark.slow
 

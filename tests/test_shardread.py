@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.errors import StoreError
-from pipeline.shardread import open_shard_reader
-from pipeline.store import create_images_array, read_samples, read_selection
+from pipeline.core.errors import StoreError
+from pipeline.zarrstore.shardread import open_shard_reader
+from pipeline.zarrstore.store import create_images_array, read_samples, read_selection
 
 CASES = {
     "uint8 partial last chunk": (21, (3, 2, 3), "uint8", 4, 8),

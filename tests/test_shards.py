@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.shards import write_shard
-from pipeline.store import create_images_array
+from pipeline.zarrstore.shardwrite import write_shard
+from pipeline.zarrstore.store import create_images_array
 
 
 def files(root: Path) -> dict[str, str]:

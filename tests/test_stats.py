@@ -24,8 +24,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import stats, stats_kernel, stats_numpy
-from pipeline.stats import FitResult, Moments, aggregate, block_moments, combine
+from pipeline.stats import kernel as stats_kernel
+from pipeline.stats import kernel_numpy as stats_numpy
+from pipeline.stats import moments as stats
+from pipeline.stats.moments import FitResult, Moments, aggregate, block_moments, combine
 
 INT64_MAX = 2**63 - 1
 PERCENTILES = (0.0, 1.0, 12.5, 25.0, 50.0, 95.0, 99.0, 100.0)  # exact in binary and decimal

@@ -24,11 +24,11 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.errors import ParamsError, PipelineError, StoreError
-from pipeline.ingest import run_ingest
+from pipeline.core.errors import ParamsError, PipelineError, StoreError
+from pipeline.ingest.stage import run_ingest
 from pipeline.params import Params, parse_params
-from pipeline.stats_stage import run_stats
-from pipeline.statsfile import load_stats
+from pipeline.stats.document import load_stats
+from pipeline.stats.stage import run_stats
 
 HEIGHT, WIDTH = 10, 12  # not square: a transposed axis would show
 SPLIT = {"val": 0.2, "test": 0.2}  # with these 30 names: 19 train, 8 val, 3 test

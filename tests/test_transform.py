@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from conftest import MODES, Fitted, H, W, assert_bits_equal, oracle_dataset_constants
 
-from pipeline.statsfile import Stats, load_stats
-from pipeline.transform import (
+from pipeline.normalize.modes import (
     DATASET_MODES,
     PER_IMAGE_MODES,
     Constants,
@@ -23,6 +22,7 @@ from pipeline.transform import (
     invert,
     per_image_constants,
 )
+from pipeline.stats.document import Stats, load_stats
 
 SCALES = ("pixel", "unit")
 DTYPES = ("float32", "float16")

@@ -30,13 +30,13 @@ from test_incremental import (
     write_version_1,
 )
 
-from pipeline.cache import Cache, Entry, open_cache, read_entry, write_entry
-from pipeline.errors import StoreError
-from pipeline.ingest import run_ingest
-from pipeline.normalize import run_normalize
-from pipeline.packs import load_index
-from pipeline.stats_stage import run_stats
-from pipeline.verify import verify_store
+from pipeline.cache.entries import Cache, Entry, open_cache, read_entry, write_entry
+from pipeline.cache.packs import load_index
+from pipeline.core.errors import StoreError
+from pipeline.ingest.stage import run_ingest
+from pipeline.normalize.stage import run_normalize
+from pipeline.stats.stage import run_stats
+from pipeline.tools.verify import verify_store
 
 PARAMS = make_params()
 
@@ -209,7 +209,7 @@ def test_verify_redecodes_sources_and_finds_a_poisoned_pack(
     data[victim.offset] ^= 0xFF
     os.unlink(pack)  # a new file: the first store keeps its own bytes
     pack.write_bytes(bytes(data))
-    from pipeline.digests import image_digest
+    from pipeline.core.digests import image_digest
 
     pixels = np.frombuffer(bytes(data[victim.offset : victim.offset + victim.nbytes]), np.uint8)
     index_file = pack.with_suffix(".json")

@@ -1,0 +1,1 @@
+"""The local content-addressed cache: entries, decoded-image packs, remembered file hashes."""

@@ -1,0 +1,1 @@
+"""Shared machinery: locations, output checks, publish, locks, the Dask runner, digests."""

@@ -1,0 +1,1 @@
+"""The normalize stage and the normalization modes as pure functions."""

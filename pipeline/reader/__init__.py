@@ -1,0 +1,1 @@
+"""The training side: checked stores, batched reads, shuffled batches, normalize on read."""

@@ -1,0 +1,1 @@
+"""Pictures and tables of fitted statistics: the report stage and the audit."""

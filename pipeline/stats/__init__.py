@@ -1,0 +1,1 @@
+"""The stats stage: exact integer moments, the stats documents, incremental fits."""

@@ -1,0 +1,1 @@
+"""Commands beside the stages: verify, show, export, fit, init."""

@@ -1,0 +1,1 @@
+"""The Zarr stores on disk: layout and attributes, whole-shard writes, direct shard reads."""
